@@ -1,0 +1,1 @@
+"""reconciler: keeps a Bacalhau network in line with a folder of job manifests."""

@@ -1,0 +1,75 @@
+"""Structured events: structlog configuration and the redaction that keeps secrets out of logs.
+
+Every decision of the reconciler is one event with a stable name (``docs/events.md`` lists
+them) and flat fields. JSON lines when the stream is not a terminal (or ``json`` is asked for),
+readable console lines on a terminal.
+
+Secrets never reach an event: the code logs names, hashes, paths and job ids, never spec
+contents; :class:`Redact` is the safety net that masks values of sensitive-looking keys and
+credentials embedded in URLs, wherever they appear.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal, TextIO
+
+import structlog
+
+LogFormat = Literal["auto", "json", "console"]
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
+_SENSITIVE = re.compile(
+    r"(password|passwd|secret|token|credential|private|api_?key|access_?key|env)", re.IGNORECASE
+)
+REDACTED = "[redacted]"
+
+
+def scrub_text(text: str) -> str:
+    """Mask ``user:password@`` in any URL inside ``text``."""
+    return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+
+
+class Redact:
+    """Processor: mask values under sensitive keys and credentials in URLs."""
+
+    def __call__(
+        self, logger: object, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in event_dict.items():
+            if key != "event" and _SENSITIVE.search(key):
+                event_dict[key] = REDACTED
+            elif isinstance(value, str):
+                event_dict[key] = scrub_text(value)
+        return event_dict
+
+
+def configure(
+    fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Configure structlog once, at the edge of the program (``main``)."""
+    out = stream or sys.stderr
+    json_lines = fmt == "json" or (fmt == "auto" and not out.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            Redact(),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,349 @@
+"""Manifest files -> :class:`Manifest` objects, or one-line :class:`LoadError` each.
+
+Two forms are read, from YAML (several documents allowed) or JSON:
+
+1. the native Bacalhau job file, exactly what ``bacalhau create`` reads (``APIVersion`` and
+   ``Spec``, keys case-insensitive); its name is the file's stem, lower-cased;
+2. the reconciler envelope::
+
+       apiVersion: reconciler/v1
+       kind: Job
+       metadata: {name: nightly-report, labels: {team: data}}
+       spec: {...a Bacalhau Spec...}
+       policy: {onChange: replace, onRemove: cancel, onFailure: none, maxRetries: 3}
+
+Errors are rendered ``path:line: field.path: message`` from pydantic's
+``errors(include_input=False)``: no input value is ever echoed, so secrets in a broken manifest
+stay out of logs. A document whose spec is broken but whose name can still be read reports
+that name, so the planner holds its job even if the file moved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from reconciler.spec import Spec, canonical_keys, parse_spec, spec_hash
+
+__all__ = [
+    "MAX_FILE_BYTES",
+    "FileResult",
+    "LoadError",
+    "Manifest",
+    "Policy",
+    "is_manifest_name",
+    "load_file",
+    "wanted_file",
+]
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_NODES = 100_000  # values in one document after alias expansion: stops YAML bombs
+ENVELOPE_API = "reconciler/v1"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def is_manifest_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def wanted_file(name: str) -> bool:
+    """Manifest files by suffix; hidden files and editor leftovers are ignored."""
+    if name.startswith((".", "#")) or name.endswith(("~", "#")) or name == "4913":
+        return False
+    return name.lower().endswith(_SUFFIXES)
+
+
+class Policy(BaseModel):
+    """What to do with a manifest's job on change, removal and failure."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    on_change: Literal["replace", "keep"] = Field("replace", alias="onChange")
+    on_remove: Literal["cancel", "orphan"] = Field("cancel", alias="onRemove")
+    on_failure: Literal["none", "resubmit"] = Field("none", alias="onFailure")
+    max_retries: StrictInt = Field(3, alias="maxRetries", ge=0, le=100)
+
+
+class _Metadata(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    api_version: Literal["reconciler/v1"] = Field(alias="apiVersion")
+    kind: Literal["Job"]
+    metadata: _Metadata
+    spec: Spec
+    policy: Policy = Field(default_factory=Policy)  # type: ignore[arg-type]
+
+
+class _Native(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    api_version: str = Field(alias="APIVersion", min_length=1)
+    spec: Spec = Field(alias="Spec")
+    metadata: dict[str, Any] | None = Field(None, alias="Metadata")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One desired job."""
+
+    name: str
+    spec: Spec = field(repr=False)
+    spec_hash: str
+    path: str
+    line: int = 1
+    labels: Mapping[str, str] = field(default_factory=dict)
+    policy: Policy = field(default_factory=Policy)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """One problem with one file, renderable on one line, naming no input value."""
+
+    path: str
+    line: int
+    field: str
+    message: str
+    #: Names this (broken) document still claims, when they could be read.
+    names: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: str
+    manifests: tuple[Manifest, ...] = ()
+    errors: tuple[LoadError, ...] = ()
+
+
+def load_file(path: str, data: bytes) -> FileResult:
+    """Parse one file's bytes; ``path`` is relative to the manifests folder."""
+    if len(data) > MAX_FILE_BYTES:
+        return _fail(path, "file", f"larger than {MAX_FILE_BYTES} bytes; refused")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _fail(path, "file", "not UTF-8 text")
+    if "\x00" in text:
+        return _fail(path, "file", "binary content (NUL byte)")
+    try:
+        documents = list(_documents(path, text))
+    except _ParseError as exc:
+        return _fail(path, "file", str(exc), line=exc.line)
+    stem = PurePosixPath(path).stem.lower()
+    manifests: list[Manifest] = []
+    errors: list[LoadError] = []
+    for doc in documents:
+        outcome = _read_document(path, stem, doc)
+        if isinstance(outcome, Manifest):
+            manifests.append(outcome)
+        else:
+            errors.append(outcome)
+    if not manifests and not errors:
+        errors.append(LoadError(path, 1, "file", "no documents"))
+    return FileResult(path, tuple(manifests), tuple(errors))
+
+
+def _fail(path: str, where: str, message: str, line: int = 1) -> FileResult:
+    return FileResult(path, errors=(LoadError(path, line, where, message),))
+
+
+# --- documents -------------------------------------------------------------------------------
+
+
+class _ParseError(ValueError):
+    def __init__(self, message: str, line: int = 1) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class _Document:
+    value: object
+    node: yaml.Node | None
+    line: int
+
+
+def _documents(path: str, text: str) -> Iterator[_Document]:
+    if path.lower().endswith(".json"):
+        yield _json_document(text)
+        return
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        raise _ParseError(f"invalid YAML: {exc.problem or 'syntax error'}", line) from None
+    except RecursionError:
+        raise _ParseError("invalid YAML: nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise _ParseError(f"invalid YAML: {type(exc).__name__}") from None
+    for node in nodes:
+        if node is None:
+            continue
+        yield _Document(_construct(node), node, node.start_mark.line + 1)
+
+
+def _json_document(text: str) -> _Document:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _ParseError(f"invalid JSON: {exc.msg}", exc.lineno) from None
+    except RecursionError:
+        raise _ParseError("invalid JSON: nested too deeply") from None
+    try:
+        node: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)  # for line numbers
+    except (yaml.YAMLError, RecursionError):
+        node = None
+    return _Document(value, node, 1)
+
+
+def _construct(node: yaml.Node) -> object:
+    loader = yaml.SafeLoader("")
+    try:
+        value = loader.construct_document(node)
+    except RecursionError:
+        raise _ParseError("invalid YAML: nested too deeply", node.start_mark.line + 1) from None
+    except yaml.YAMLError as exc:
+        raise _ParseError(f"invalid YAML: {type(exc).__name__}", node.start_mark.line + 1) from None
+    finally:
+        loader.dispose()
+    _check_size(value)
+    return value
+
+
+def _check_size(value: object) -> None:
+    """Count values as they would be expanded; aliases make a small file a huge document."""
+    budget = MAX_NODES
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise _ParseError(f"document expands to more than {MAX_NODES} values; refused")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _read_document(path: str, stem: str, doc: _Document) -> Manifest | LoadError:
+    value = doc.value
+    if not isinstance(value, dict):
+        return LoadError(path, doc.line, "document", "must be a mapping")
+    if _is_envelope(value):
+        return _read_envelope(path, doc, value)
+    return _read_native(path, stem, doc, value)
+
+
+def _is_envelope(value: Mapping[object, object]) -> bool:
+    return any(
+        isinstance(key, str) and key.lower() == "apiversion" and val == ENVELOPE_API
+        for key, val in value.items()
+    )
+
+
+def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Manifest | LoadError:
+    claimed = _claimed_name(value)
+    try:
+        envelope = _Envelope.model_validate(value)
+    except ValidationError as exc:
+        return _validation_error(path, doc, exc, claimed)
+    name = envelope.metadata.name
+    if not is_manifest_name(name):
+        return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
+    return Manifest(
+        name=name,
+        spec=envelope.spec,
+        spec_hash=spec_hash(envelope.spec),
+        path=path,
+        line=doc.line,
+        labels=envelope.metadata.labels,
+        policy=envelope.policy,
+    )
+
+
+def _read_native(
+    path: str, stem: str, doc: _Document, value: dict[Any, Any]
+) -> Manifest | LoadError:
+    claimed = (stem,) if is_manifest_name(stem) else ()
+    try:
+        native = _Native.model_validate(canonical_keys(_Native, value))
+    except (ValidationError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            return _validation_error(path, doc, exc, claimed)
+        return LoadError(path, doc.line, "document", str(exc), claimed)
+    if not claimed:
+        return _name_error(path, doc.line, "file name")
+    spec = parse_spec(native.spec.model_dump(mode="json"))
+    return Manifest(name=stem, spec=spec, spec_hash=spec_hash(spec), path=path, line=doc.line)
+
+
+def _claimed_name(value: Mapping[Any, Any]) -> tuple[str, ...]:
+    metadata = value.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    return (name,) if isinstance(name, str) and is_manifest_name(name) else ()
+
+
+def _name_error(path: str, line: int, where: str) -> LoadError:
+    return LoadError(
+        path, line, where,
+        "not a valid manifest name: 1-63 of a-z 0-9 . _ - starting with a letter or digit",
+    )
+
+
+def _validation_error(
+    path: str, doc: _Document, exc: ValidationError, claimed: tuple[str, ...]
+) -> LoadError:
+    """The first error, as ``field.path: message``; the rest are counted, never echoed."""
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)
+    first = errors[0]
+    loc = _field_path(first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    more = len(errors) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return LoadError(path, _line_of(doc, first["loc"]), loc or "document", message, claimed)
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _line_of(doc: _Document, loc: Sequence[int | str]) -> int:
+    """The line of the deepest node along ``loc`` (keys matched case- and _-insensitively)."""
+    node, line = doc.node, doc.line
+    for part in loc:
+        child = _child(node, part)
+        if child is None:
+            break
+        node, line = child, child.start_mark.line + 1
+    return line
+
+
+def _child(node: yaml.Node | None, part: int | str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        wanted = str(part).replace("_", "").lower()
+        for key, value in node.value:
+            if str(key.value).replace("_", "").lower() == wanted:
+                return value  # type: ignore[no-any-return]
+        return None
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        return node.value[part]  # type: ignore[no-any-return]
+    return None
