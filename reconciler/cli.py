@@ -1,13 +1,33 @@
-"""The ``reconciler`` command line."""
+"""The ``reconciler`` command line: thin wrappers that load settings and call the core."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+import structlog
 
 from reconciler import events
-from reconciler.signing import KeyFileError, write_new_key
+from reconciler.apply import Executor
+from reconciler.client import ApiClient, RequesterError
+from reconciler.desired import collect
+from reconciler.observe import observe
+from reconciler.plan import SYMBOLS, Action, Plan
+from reconciler.reconcile import PassResult, Reconciler
+from reconciler.settings import Settings, SettingsError, load_settings
+from reconciler.signing import KeyFileError, Signer, load_signer, write_new_key
+from reconciler.source import FolderSource
+from reconciler.state import Store, StoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_ERROR, EXIT_CHANGES, EXIT_BLOCKED = 0, 1, 2, 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +43,213 @@ from reconciler.signing import KeyFileError, write_new_key
 def main(log_format: events.LogFormat, log_level: str) -> None:
     """Keep a Bacalhau network in line with a folder of job manifests."""
     events.configure(log_format, log_level)
+
+
+def common_options(command: F) -> F:
+    """Options every reconciling command shares; each is also a setting (RECONCILER_*)."""
+    options = [
+        click.option("--config", type=click.Path(path_type=Path),
+                     help="TOML config file [default: /etc/reconciler/config.toml]."),
+        click.option("--manifests", type=click.Path(path_type=Path),
+                     help="Folder of job manifests [default: ./manifests]."),
+        click.option("--endpoint", help="Requester base URL [default: http://127.0.0.1:1234]."),
+        click.option("--key", type=click.Path(path_type=Path), help="Signing key file."),
+        click.option("--state", type=click.Path(path_type=Path), help="State database."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def settings_from(config: Path | None, **flags: Any) -> Settings:
+    try:
+        return load_settings(config, **flags)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def signer_from(settings: Settings) -> Signer:
+    try:
+        return load_signer(settings.key_path())
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextmanager
+def opened_store(settings: Settings, *, writer: bool) -> Iterator[Store]:
+    try:
+        store = Store(settings.state_path(), writer=writer)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# --- validate / plan / apply / status ----------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+def validate(directory: Path | None) -> None:
+    """Check every manifest; one line per error. Exit 0 when all are valid."""
+    root = directory or settings_from(None).manifests
+    desired = collect(FolderSource(root).read())
+    if not desired.ready:
+        click.echo(f"error: {desired.reason}", err=True)
+        sys.exit(EXIT_ERROR)
+    for error in desired.errors:
+        click.echo(str(error))
+    click.echo(f"{len(desired.manifests)} valid, {len(desired.errors)} errors", err=True)
+    sys.exit(EXIT_ERROR if desired.errors else EXIT_OK)
+
+
+@main.command("plan")
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--all", "show_all", is_flag=True, help="Also list unchanged names.")
+def plan_command(config: Path | None, as_json: bool, show_all: bool, **flags: Any) -> None:
+    """Show what apply would do and why. Offline. Exit 0 no changes, 2 changes, 1 error."""
+    settings = settings_from(config, **flags)
+    with opened_store(settings, writer=False) as store:
+        reconciler = Reconciler(FolderSource(settings.manifests), store, settings.plan_policy())
+        desired, the_plan = reconciler.plan()
+    errors = [str(e) for e in desired.errors]
+    if as_json:
+        click.echo(json.dumps(plan_json(the_plan, errors), indent=2))
+    else:
+        print_plan(the_plan, errors, show_all)
+    sys.exit(EXIT_CHANGES if the_plan.changes else EXIT_OK)
+
+
+def plan_json(the_plan: Plan, errors: list[str]) -> dict[str, Any]:
+    return {
+        "ready": the_plan.ready,
+        "revision": the_plan.revision,
+        "decisions": [
+            {"name": d.name, "action": str(d.action), "reason": d.reason, "path": d.path,
+             "job_id": d.job_id}
+            for d in the_plan.decisions
+        ],
+        "guards": [{"name": g.name, "reason": g.reason, "names": list(g.names)}
+                   for g in the_plan.guards],
+        "errors": errors,
+    }
+
+
+def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False) -> None:
+    for decision in the_plan.decisions:
+        if decision.action is Action.NOOP and not show_all:
+            continue
+        job = f" [{decision.job_id}]" if decision.job_id else ""
+        click.echo(f"{SYMBOLS[decision.action]} {decision.action:<8} {decision.name}{job}: "
+                   f"{decision.reason}")
+    for guard in the_plan.guards:
+        click.echo(f"guard {guard.name}: {guard.reason}")
+    for error in errors:
+        click.echo(f"error {error}")
+    counts = {a: len(the_plan.by_action(a)) for a in Action}
+    click.echo(
+        f"Plan: {counts[Action.SUBMIT] + counts[Action.RESUBMIT]} to submit, "
+        f"{counts[Action.REPLACE]} to replace, {counts[Action.CANCEL]} to cancel, "
+        f"{counts[Action.RESOLVE]} to resolve, {counts[Action.FORGET]} to forget, "
+        f"{counts[Action.UPDATE]} to update, "
+        f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked."
+    )
+
+
+@main.command("apply")
+@common_options
+@click.option("--allow-mass-cancel", is_flag=True,
+              help="Allow this one run to cancel past the mass-cancel guard.")
+@click.option("--dry-run", is_flag=True, help="Plan and print only; change nothing.")
+def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
+                  **flags: Any) -> None:
+    """Run passes until nothing is left to do. Exit 0 done, 1 errors, 3 blocked by a guard."""
+    settings = settings_from(config, **flags)
+    if dry_run:
+        with opened_store(settings, writer=False) as store:
+            policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
+            desired, the_plan = Reconciler(FolderSource(settings.manifests), store,
+                                           policy).plan()
+        print_plan(the_plan, [str(e) for e in desired.errors])
+        sys.exit(EXIT_OK)
+    signer = signer_from(settings)
+    with opened_store(settings, writer=True) as store:
+        result = asyncio.run(apply_until_settled(settings, signer, store, allow_mass_cancel))
+    print_plan(result.plan, [str(e) for e in result.desired.errors])
+    click.echo(result.summary())
+    if result.plan.blocked or not result.plan.ready:
+        sys.exit(EXIT_BLOCKED)
+    sys.exit(EXIT_ERROR if result.report.failed else EXIT_OK)
+
+
+async def apply_until_settled(
+    settings: Settings, signer: Signer, store: Store, allow_mass_cancel: bool, rounds: int = 5
+) -> PassResult:
+    """Passes until a plan has no changes (a replace or resolve can take two passes)."""
+    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
+    reconciler = Reconciler(FolderSource(settings.manifests), store, policy)
+    async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
+                         timeout=settings.request_timeout) as client:
+        executor = Executor(store, client, policy, concurrency=settings.concurrency,
+                            confirmations=settings.resolve_confirmations,
+                            resolve_delay=settings.resolve_delay)
+        try:
+            await observe(store, client, policy)
+        except RequesterError as exc:  # planning goes on; effects meet the same error
+            structlog.get_logger("reconciler").warning("observe.failed", error=str(exc))
+        first = result = await reconciler.run_pass(executor)
+        for _ in range(rounds - 1):
+            if not result.plan.changes or result.report.failed:
+                break
+            result = await reconciler.run_pass(executor)
+        if result is not first:
+            counts = first.report.counts + result.report.counts
+            result = PassResult(result.desired, first.plan, type(result.report)(
+                counts, first.report.errors + result.report.errors), result.duration)
+        return result
+
+
+@main.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
+def status(config: Path | None, as_json: bool, **flags: Any) -> None:
+    """One row per managed name, and the overall state (ready / degraded / not ready)."""
+    settings = settings_from(config, **flags)
+    with opened_store(settings, writer=False) as store:
+        reconciler = Reconciler(FolderSource(settings.manifests), store, settings.plan_policy())
+        desired, the_plan = reconciler.plan()
+        records = store.records()
+    overall = PassResult(desired, the_plan).overall
+    held = len(the_plan.by_action(Action.HOLD))
+    rows = [
+        {"name": r.name, "phase": str(r.phase), "job_id": r.job_id, "job_state": r.job_state,
+         "spec_hash": r.spec_hash[:12], "source": r.path, "revision": r.revision,
+         "last_error": r.last_error}
+        for r in records
+    ]
+    if as_json:
+        click.echo(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
+                               if the_plan.guards else "", "jobs": rows}, indent=2))
+        return
+    click.echo(f"state: {overall}" + (f" ({held} held manifests)" if held else ""))
+    for guard in the_plan.guards:
+        click.echo(f"guard {guard.name}: {guard.reason}")
+    header = ("NAME", "PHASE", "JOB ID", "JOB STATE", "SPEC", "SOURCE", "LAST ERROR")
+    table = [header] + [
+        (r["name"], r["phase"], r["job_id"] or "-", r["job_state"] or "-", r["spec_hash"],
+         r["source"], r["last_error"] or "")
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        click.echo("  ".join([*cells, str(row[-1])]).rstrip())
+
+
+# --- keys and the dev requester ------------------------------------------------------------
 
 
 @main.command()

@@ -167,6 +167,7 @@ class Requester(Protocol):
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
     ) -> list[JobInfo]: ...
+    async def state(self, job_id: str) -> str: ...
 
 
 @dataclass

@@ -86,7 +86,7 @@ class _Envelope(BaseModel):
     kind: Literal["Job"]
     metadata: _Metadata
     spec: Spec
-    policy: Policy = Field(default_factory=Policy)  # type: ignore[arg-type]
+    policy: Policy = Field(default_factory=Policy)
 
 
 class _Native(BaseModel):
@@ -107,7 +107,7 @@ class Manifest:
     path: str
     line: int = 1
     labels: Mapping[str, str] = field(default_factory=dict)
-    policy: Policy = field(default_factory=Policy)  # type: ignore[arg-type]
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,10 @@ def _documents(path: str, text: str) -> Iterator[_Document]:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
-        raise _ParseError(f"invalid YAML: {exc.problem or 'syntax error'}", line) from None
+        message = f"invalid YAML: {exc.problem or 'syntax error'}"
+        if exc.context and exc.context_mark and exc.context_mark.line + 1 != line:
+            message += f" ({exc.context} started at line {exc.context_mark.line + 1})"
+        raise _ParseError(message, line) from None
     except RecursionError:
         raise _ParseError("invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:

@@ -1,0 +1,74 @@
+"""Desired state: what a snapshot of the source asks for, name by name.
+
+Identity is the manifest's name, not its path. A name claimed by two manifests makes both
+invalid (held). Every file that failed to read or parse is listed, so the planner can hold the
+jobs that file produced before (the store remembers each name's path).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reconciler.manifest import LoadError, Manifest
+from reconciler.source import Snapshot
+
+
+@dataclass(frozen=True)
+class Desired:
+    ready: bool
+    reason: str = ""
+    revision: str | None = None
+    manifests: Mapping[str, Manifest] = field(default_factory=dict)
+    #: name -> why it is held (claimed twice, or named by a broken document).
+    held: Mapping[str, str] = field(default_factory=dict)
+    #: Paths (files, or directories ending in "/") that could not be read or parsed.
+    broken: frozenset[str] = frozenset()
+    errors: tuple[LoadError, ...] = ()
+    file_count: int = 0
+
+    def is_broken(self, path: str) -> bool:
+        """Whether ``path`` is a broken file or lies below a broken directory."""
+        return path in self.broken or any(
+            b.endswith("/") and path.startswith(b) for b in self.broken
+        )
+
+
+def collect(snapshot: Snapshot) -> Desired:
+    if not snapshot.ready:
+        return Desired(False, snapshot.reason, snapshot.revision)
+    claims: dict[str, list[Manifest]] = defaultdict(list)
+    held: dict[str, str] = {}
+    errors: list[LoadError] = []
+    broken: set[str] = set()
+    for path in sorted(snapshot.files):
+        result = snapshot.files[path]
+        for manifest in result.manifests:
+            claims[manifest.name].append(manifest)
+        for error in result.errors:
+            errors.append(error)
+            broken.add(path)
+            for name in error.names:
+                held[name] = f"{error.path}: {error.field}: {error.message}"
+    manifests: dict[str, Manifest] = {}
+    for name, claimants in claims.items():
+        if len(claimants) > 1:
+            paths = ", ".join(f"{m.path}:{m.line}" for m in claimants)
+            held[name] = f"name claimed by more than one manifest: {paths}"
+            errors.extend(
+                LoadError(m.path, m.line, "metadata.name", f"name {name!r} is also claimed by "
+                          + ", ".join(f"{o.path}:{o.line}" for o in claimants if o is not m))
+                for m in claimants
+            )
+        elif name not in held:
+            manifests[name] = claimants[0]
+    return Desired(
+        ready=True,
+        revision=snapshot.revision,
+        manifests=manifests,
+        held=held,
+        broken=frozenset(broken),
+        errors=tuple(errors),
+        file_count=len(snapshot.files),
+    )

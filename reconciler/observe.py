@@ -1,0 +1,86 @@
+"""Observing live jobs: record completions, failures, drift and loss in the store.
+
+One ``list`` by our client id covers every live job. A job missing from that list is asked
+about by id (``states``), because an empty or short list is not proof of absence (CONTRACT
+1.3); only an explicit "not found" marks it ``lost``. The planner then decides what follows
+(resubmit or not, by the manifest's policy).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+
+import structlog
+
+from reconciler.apply import phase_of
+from reconciler.client import JobInfo, NotFound, Requester, RequesterError
+from reconciler.plan import PlanPolicy
+from reconciler.records import Phase, Record
+from reconciler.state import Store
+
+_EVENTS = {Phase.COMPLETED: "job.completed", Phase.FAILED: "job.failed",
+           Phase.CANCELLED: "job.drift"}
+
+
+async def observe(
+    store: Store,
+    requester: Requester,
+    policy: PlanPolicy,
+    clock: Callable[[], float] = time.time,
+) -> Counter[str]:
+    """Refresh the recorded state of every active job; returns counts of what changed."""
+    log = structlog.get_logger("reconciler.observe")
+    active = [r for r in store.records() if r.phase is Phase.ACTIVE and r.job_id]
+    if not active:
+        return Counter()
+    listed = {job.job_id: job for job in await requester.list_jobs()}
+    updates: list[Record] = []
+    counts: Counter[str] = Counter()
+    for record in active:
+        assert record.job_id is not None
+        job = listed.get(record.job_id)
+        state = job.state if job else await _state_by_id(requester, record.job_id)
+        if state == record.job_state:
+            continue
+        updated = _updated(record, state, job, policy, clock())
+        updates.append(updated)
+        if updated.phase is not record.phase:
+            event = _EVENTS.get(updated.phase, "job.lost")
+            counts[event] += 1
+            log.log(30 if updated.phase is not Phase.COMPLETED else 20, event,
+                    name=record.name, job_id=record.job_id, path=record.path,
+                    job_state=state, reason=_reason(updated.phase))
+    store.save(updates)
+    return counts
+
+
+async def _state_by_id(requester: Requester, job_id: str) -> str | None:
+    """The job's state, None when the requester says it does not know the job."""
+    try:
+        return await requester.state(job_id)
+    except NotFound:
+        return None
+    except RequesterError:
+        return "Unknown"  # no answer: keep what we have, ask again next time
+
+
+def _updated(record: Record, state: str | None, job: JobInfo | None, policy: PlanPolicy,
+             now: float) -> Record:
+    if state == "Unknown":
+        return record
+    phase = Phase.LOST if state is None else phase_of(state)
+    retry_at = now + policy.backoff(record.attempts) if phase in (Phase.FAILED, Phase.LOST) else 0
+    return replace(record, phase=phase, job_state=state, next_attempt_at=retry_at)
+
+
+def _reason(phase: Phase) -> str:
+    return {
+        Phase.COMPLETED: "job completed",
+        Phase.FAILED: "job ended in Error",
+        Phase.CANCELLED: "job was cancelled outside the reconciler",
+        Phase.LOST: "the requester no longer knows this job (restarted with an in-memory "
+                    "store?); the manifest's onFailure policy decides what follows",
+    }.get(phase, "")

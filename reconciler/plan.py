@@ -1,0 +1,286 @@
+"""The planner: a pure function from desired and recorded state to decisions, each with a reason.
+
+No I/O and no clock: time comes in as ``now``. Every managed or desired name gets exactly one
+:class:`Decision`; those whose action has an effect are the plan's ``changes``.
+
+The rules (``docs/design.md`` has the table):
+
+* a valid manifest with no record is submitted; with a record of the same spec hash, nothing
+  happens; with another hash, an active job is replaced (or waited for, ``onChange: keep``) and
+  a finished one is followed by a new submit;
+* a removed manifest's active job is cancelled (or forgotten, ``onRemove: orphan``); a finished
+  one is forgotten;
+* a manifest that is broken, unreadable or claimed twice is **held**: nothing is cancelled or
+  replaced, whatever the store says;
+* an intent without a job id (a crash, a lost reply) is resolved by looking up its uid before
+  anything is resubmitted;
+* a failed job is resubmitted only when its policy says so, with backoff and a cap.
+
+Guards: a source that is not ready (missing, unreadable, or empty without ``allow_empty``)
+holds everything; a pass that would cancel more than ``mass_cancel_ratio`` of the managed live
+jobs *and* more than ``mass_cancel_min`` of them is blocked until an operator allows it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from reconciler.desired import Desired
+from reconciler.manifest import Manifest
+from reconciler.records import FINISHED_PHASES, LIVE_PHASES, Phase, Record
+
+
+class Action(StrEnum):
+    SUBMIT = "submit"
+    RESUBMIT = "resubmit"
+    REPLACE = "replace"
+    CANCEL = "cancel"
+    RESOLVE = "resolve"
+    FORGET = "forget"
+    UPDATE = "update"
+    HOLD = "hold"
+    BLOCKED = "blocked"
+    WAIT = "wait"
+    NOOP = "noop"
+
+
+#: Actions that change something (remotely, or in the store).
+EFFECTS = frozenset(
+    {Action.SUBMIT, Action.RESUBMIT, Action.REPLACE, Action.CANCEL, Action.RESOLVE, Action.FORGET,
+     Action.UPDATE}
+)
+SYMBOLS = {
+    Action.SUBMIT: "+", Action.RESUBMIT: "+", Action.REPLACE: "~", Action.CANCEL: "-",
+    Action.RESOLVE: "=", Action.FORGET: "-", Action.UPDATE: "*", Action.HOLD: "!", Action.BLOCKED: "x",
+    Action.WAIT: ".", Action.NOOP: " ",
+}
+
+
+@dataclass(frozen=True)
+class PlanPolicy:
+    """The planner's settings (see :class:`reconciler.settings.Settings` for their docs)."""
+
+    allow_empty: bool = False
+    mass_cancel_ratio: float = 0.5
+    mass_cancel_min: int = 3
+    allow_mass_cancel: bool = False
+    backoff_base: float = 10.0
+    backoff_max: float = 600.0
+
+    def backoff(self, attempts: int) -> float:
+        return float(min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1)))
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    action: Action
+    reason: str
+    path: str | None = None
+    job_id: str | None = None
+    manifest: Manifest | None = field(default=None, repr=False)
+    record: Record | None = field(default=None, repr=False)
+
+    @property
+    def is_change(self) -> bool:
+        return self.action in EFFECTS
+
+
+@dataclass(frozen=True)
+class Guard:
+    name: str  # "source.not_ready" or "prune.blocked"
+    reason: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    decisions: tuple[Decision, ...]
+    guards: tuple[Guard, ...] = ()
+    ready: bool = True
+    revision: str | None = None
+
+    @property
+    def changes(self) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if d.is_change)
+
+    @property
+    def blocked(self) -> bool:
+        return any(g.name == "prune.blocked" for g in self.guards)
+
+    def by_action(self, *actions: Action) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if d.action in actions)
+
+
+def plan(
+    desired: Desired, recorded: Iterable[Record], policy: PlanPolicy, now: float
+) -> Plan:
+    records = {r.name: r for r in recorded}
+    not_ready = _not_ready_reason(desired, policy)
+    if not_ready:
+        return _hold_everything(desired, records, not_ready)
+    names = sorted(set(records) | set(desired.manifests) | set(desired.held))
+    decisions = [
+        _decide(name, desired, records.get(name), policy, now) for name in names
+    ]
+    decisions, guards = _guard_mass_cancel(decisions, records, policy)
+    return Plan(tuple(decisions), guards, True, desired.revision)
+
+
+def _not_ready_reason(desired: Desired, policy: PlanPolicy) -> str:
+    if not desired.ready:
+        return desired.reason or "source not ready"
+    if desired.file_count == 0 and not policy.allow_empty:
+        return "source is empty (set allow_empty to cancel everything on purpose)"
+    return ""
+
+
+def _hold_everything(desired: Desired, records: Mapping[str, Record], reason: str) -> Plan:
+    decisions = tuple(
+        Decision(r.name, Action.HOLD, f"source not ready: {reason}", r.path, r.job_id, record=r)
+        for r in sorted(records.values(), key=lambda r: r.name)
+    )
+    guard = Guard("source.not_ready", reason, tuple(d.name for d in decisions))
+    return Plan(decisions, (guard,), False, desired.revision)
+
+
+def _decide(
+    name: str, desired: Desired, record: Record | None, policy: PlanPolicy, now: float
+) -> Decision:
+    if name in desired.held:
+        return _held(name, record, desired.held[name])
+    manifest = desired.manifests.get(name)
+    if manifest is not None:
+        return _decide_present(manifest, record, policy, now)
+    assert record is not None  # names come from the records, the manifests or the held
+    if desired.is_broken(record.path):
+        return _held(name, record, f"{record.path} cannot be read or parsed")
+    return _decide_removed(record)
+
+
+def _held(name: str, record: Record | None, why: str) -> Decision:
+    kept = f"; job {record.job_id} is kept as it is" if record and record.job_id else ""
+    return Decision(name, Action.HOLD, why + kept, record.path if record else None,
+                    record.job_id if record else None, record=record)
+
+
+def _decide_present(
+    manifest: Manifest, record: Record | None, policy: PlanPolicy, now: float
+) -> Decision:
+    def decision(action: Action, reason: str) -> Decision:
+        return Decision(manifest.name, action, reason, manifest.path,
+                        record.job_id if record else None, manifest, record)
+
+    if record is None:
+        return decision(Action.SUBMIT, "new manifest")
+    same = record.spec_hash == manifest.spec_hash
+    if record.phase is Phase.SUBMITTING:
+        return decision(Action.RESOLVE, f"submission {record.uid} has no job id yet "
+                        "(crash or lost reply): look it up by its uid before anything else")
+    if record.phase in (Phase.ACTIVE, Phase.CANCELLING):
+        outcome = _decide_live(manifest, record, same, decision)
+    elif not same:
+        return decision(Action.SUBMIT, f"spec changed since job {record.job_id or '-'} ended "
+                        f"({record.phase})")
+    else:
+        outcome = _decide_finished_same(manifest, record, policy, now, decision)
+    return _follow_manifest(outcome, manifest, record, decision)
+
+
+def _follow_manifest(
+    outcome: Decision, manifest: Manifest, record: Record, decision: _Make
+) -> Decision:
+    """Keep the record's path and removal policy in step with the manifest: the path is what
+    holds a job when its file breaks later, so it must never be stale."""
+    if outcome.action not in (Action.NOOP, Action.WAIT):
+        return outcome
+    if record.path != manifest.path:
+        return decision(Action.UPDATE, f"manifest moved from {record.path} to {manifest.path}")
+    if record.on_remove != manifest.policy.on_remove:
+        return decision(Action.UPDATE, f"onRemove is now {manifest.policy.on_remove}")
+    return outcome
+
+
+def _decide_live(manifest: Manifest, record: Record, same: bool, decision: _Make) -> Decision:
+    if record.phase is Phase.CANCELLING:
+        return decision(Action.REPLACE, "an interrupted cancel is finished, then the manifest "
+                        "is submitted again")
+    if same:
+        return decision(Action.NOOP, "unchanged; job is live")
+    if manifest.policy.on_change == "keep":
+        return decision(Action.WAIT, "spec changed; onChange=keep lets the running job finish "
+                        "before the new spec is submitted")
+    return decision(Action.REPLACE, "spec changed: cancel the running job, submit the new spec")
+
+
+def _decide_finished_same(
+    manifest: Manifest, record: Record, policy: PlanPolicy, now: float, decision: _Make
+) -> Decision:
+    phase = record.phase
+    if phase is Phase.COMPLETED:
+        return decision(Action.NOOP, "unchanged; job completed")
+    if phase is Phase.CANCELLED:
+        return decision(Action.NOOP, "unchanged; job was cancelled outside the reconciler "
+                        "(change the manifest to run it again)")
+    if phase is Phase.ERROR:
+        return _retry(decision, record, now, Action.SUBMIT, "earlier submit failed")
+    if manifest.policy.on_failure != "resubmit":
+        return decision(Action.NOOP, f"job {phase} and onFailure=none")
+    if record.attempts > manifest.policy.max_retries:
+        return decision(Action.NOOP, f"job {phase}; maxRetries={manifest.policy.max_retries} "
+                        "used up")
+    return _retry(decision, record, now, Action.RESUBMIT, f"job {phase}; onFailure=resubmit")
+
+
+def _retry(decision: _Make, record: Record, now: float, action: Action, why: str) -> Decision:
+    if now < record.next_attempt_at:
+        wait = record.next_attempt_at - now
+        return decision(Action.WAIT, f"{why}; backing off {wait:.0f}s more "
+                        f"(attempt {record.attempts})")
+    return decision(action, f"{why}; attempt {record.attempts + 1}")
+
+
+def _decide_removed(record: Record) -> Decision:
+    def decision(action: Action, reason: str) -> Decision:
+        return Decision(record.name, action, reason, record.path, record.job_id, record=record)
+
+    if record.phase is Phase.SUBMITTING:
+        return decision(Action.RESOLVE, "manifest removed while its submission is in doubt: "
+                        "look it up first, cancel after")
+    if record.phase in LIVE_PHASES:
+        if record.on_remove == "orphan":
+            return decision(Action.FORGET, "manifest removed; onRemove=orphan leaves the job "
+                            "running")
+        return decision(Action.CANCEL, "manifest removed")
+    assert record.phase in FINISHED_PHASES
+    return decision(Action.FORGET, f"manifest removed; job already ended ({record.phase})")
+
+
+def _guard_mass_cancel(
+    decisions: list[Decision], records: Mapping[str, Record], policy: PlanPolicy
+) -> tuple[list[Decision], tuple[Guard, ...]]:
+    cancels = [d for d in decisions if d.action is Action.CANCEL]
+    live = sum(1 for r in records.values() if r.phase in LIVE_PHASES)
+    too_many = len(cancels) > policy.mass_cancel_min and (
+        len(cancels) > policy.mass_cancel_ratio * live
+    )
+    if not too_many or policy.allow_mass_cancel:
+        return decisions, ()
+    reason = (f"would cancel {len(cancels)} of {live} live jobs (more than "
+              f"{policy.mass_cancel_ratio:.0%} and more than {policy.mass_cancel_min}); "
+              "run `reconciler apply --allow-mass-cancel` once to allow it")
+    blocked = [
+        replace(d, action=Action.BLOCKED, reason=f"{d.reason}; blocked: {reason}")
+        if d.action is Action.CANCEL else d
+        for d in decisions
+    ]
+    return blocked, (Guard("prune.blocked", reason, tuple(d.name for d in cancels)),)
+
+
+class _Make(Protocol):
+    """Type of the small ``decision(action, reason)`` builders above."""
+
+    def __call__(self, action: Action, reason: str) -> Decision: ...

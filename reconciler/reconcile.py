@@ -1,0 +1,110 @@
+"""One pass: read the source, collect desired state, plan against the store, apply, report.
+
+The one-shot commands (``plan``, ``apply``, ``status``) and the daemon all go through
+:class:`Reconciler`, so a preview is made by the same code that acts (anchors P15).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from reconciler.apply import ApplyReport, Executor
+from reconciler.desired import Desired, collect
+from reconciler.plan import Action, Plan, PlanPolicy, plan
+from reconciler.source import FolderSource
+from reconciler.state import Store
+
+
+@dataclass(frozen=True)
+class PassResult:
+    desired: Desired
+    plan: Plan
+    report: ApplyReport = field(default_factory=ApplyReport)
+    duration: float = 0.0
+
+    @property
+    def held(self) -> int:
+        return len(self.plan.by_action(Action.HOLD))
+
+    @property
+    def overall(self) -> str:
+        """``ready``, ``degraded`` (held manifests or failed actions) or ``not ready``."""
+        if not self.plan.ready:
+            return "not ready"
+        if self.held or self.desired.errors or self.report.failed or self.plan.blocked:
+            return "degraded"
+        return "ready"
+
+    def summary(self) -> str:
+        changes = ", ".join(f"{k} {v}" for k, v in sorted(self.report.counts.items()))
+        parts = [self.overall, f"{len(self.desired.manifests)} manifests", f"{self.held} held"]
+        if self.plan.revision:
+            parts.append(f"revision {self.plan.revision}")
+        if changes:
+            parts.append(changes)
+        return "; ".join(parts)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        source: FolderSource,
+        store: Store,
+        policy: PlanPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.policy = policy
+        self._clock = clock
+        self._log = structlog.get_logger("reconciler")
+        self._reported: set[str] = set()
+
+    def plan(self, policy: PlanPolicy | None = None) -> tuple[Desired, Plan]:
+        """Read and plan, without side effects (works offline)."""
+        desired = collect(self.source.read())
+        return desired, plan(desired, self.store.records(), policy or self.policy, self._clock())
+
+    async def run_pass(self, executor: Executor | None, policy: PlanPolicy | None = None
+                       ) -> PassResult:
+        started = time.perf_counter()
+        desired, the_plan = self.plan(policy)
+        self._report_problems(desired, the_plan)
+        report = await executor.apply(the_plan) if executor is not None else ApplyReport()
+        result = PassResult(desired, the_plan, report, time.perf_counter() - started)
+        self._log.info(
+            "pass.completed", state=result.overall, revision=the_plan.revision,
+            manifests=len(desired.manifests), held=result.held, errors=len(desired.errors),
+            changes=len(the_plan.changes), outcomes=dict(report.counts),
+            duration_ms=round(result.duration * 1000, 1),
+        )
+        return result
+
+    def _report_problems(self, desired: Desired, the_plan: Plan) -> None:
+        """One event per problem when it first appears, not on every pass."""
+        current: set[str] = set()
+        for error in desired.errors:
+            key = f"invalid:{error}"
+            current.add(key)
+            if key not in self._reported:
+                self._log.error("manifest.invalid", path=error.path, line=error.line,
+                                field=error.field, reason=error.message, revision=desired.revision)
+        for decision in the_plan.by_action(Action.HOLD, Action.BLOCKED):
+            key = f"{decision.action}:{decision.name}:{decision.reason}"
+            current.add(key)
+            if key not in self._reported:
+                self._log.warning(f"manifest.{decision.action}", name=decision.name,
+                                  job_id=decision.job_id, path=decision.path,
+                                  reason=decision.reason, revision=the_plan.revision)
+        for guard in the_plan.guards:
+            key = f"guard:{guard.name}:{guard.reason}"
+            current.add(key)
+            if key not in self._reported:
+                self._log.warning(guard.name, reason=guard.reason, names=list(guard.names[:50]),
+                                  count=len(guard.names), revision=the_plan.revision)
+        self._reported = current

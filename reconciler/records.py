@@ -1,0 +1,40 @@
+"""What the store remembers about each managed name: the planner's view of recorded state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    SUBMITTING = "submitting"  # intent committed, no job id yet
+    ACTIVE = "active"  # job accepted and not finished
+    CANCELLING = "cancelling"  # cancel intent committed
+    COMPLETED = "completed"
+    FAILED = "failed"  # the job ended in Error
+    CANCELLED = "cancelled"  # cancelled by someone other than us
+    LOST = "lost"  # the requester no longer knows the job
+    ERROR = "error"  # our submit was refused or never arrived: no job exists
+
+
+LIVE_PHASES = frozenset({Phase.SUBMITTING, Phase.ACTIVE, Phase.CANCELLING})
+FINISHED_PHASES = frozenset(
+    {Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED, Phase.LOST, Phase.ERROR}
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str
+    phase: Phase
+    spec_hash: str
+    path: str
+    job_id: str | None = None
+    uid: str | None = None
+    job_state: str | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: float = 0.0
+    on_remove: str = "cancel"
+    revision: str | None = None
+    updated_at: float = 0.0

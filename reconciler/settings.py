@@ -1,0 +1,132 @@
+"""Settings: one documented model, layered defaults < config file < environment < flags.
+
+The config file is TOML (``/etc/reconciler/config.toml``, or ``--config``); each key is a field
+name below. Every field can also be set as ``RECONCILER_<FIELD>`` in the environment, and most
+as a command-line flag. ``systemd/config.toml`` is a commented example of every setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from reconciler.plan import PlanPolicy
+from reconciler.state import default_path
+
+DEFAULT_CONFIG = Path("/etc/reconciler/config.toml")
+CLI_KEY = Path("~/.bacalhau/user_id.pem")
+
+
+class SettingsError(Exception):
+    """The configuration is unusable; the message names the source and the field."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECONCILER_", extra="forbid", frozen=True)
+
+    # --- what to reconcile, against what -------------------------------------------------
+    manifests: Path = Field(Path("manifests"), description="The folder of job manifests "
+                            "(or a symlink to one that a syncer swaps).")
+    endpoint: str = Field("http://127.0.0.1:1234", description="Base URL of the requester.")
+    api_prefix: str = Field("/api/v1", description="Path prefix of the requester API.")
+    key: Path | None = Field(None, description="Signing key (RSA or Ed25519 PEM). Default: "
+                             "$CREDENTIALS_DIRECTORY/signing-key, then ~/.bacalhau/user_id.pem.")
+    state: Path | None = Field(None, description="State database. Default: "
+                               "$STATE_DIRECTORY/state.db, else ~/.local/state/reconciler.")
+    # --- how careful to be -----------------------------------------------------------------
+    allow_empty: bool = Field(False, description="Treat an empty folder as 'cancel everything' "
+                              "instead of 'not ready'.")
+    mass_cancel_ratio: float = Field(0.5, ge=0, le=1, description="A pass that would cancel "
+                                     "more than this share of live jobs...")
+    mass_cancel_min: int = Field(3, ge=0, description="...and more than this many is blocked "
+                                 "until `apply --allow-mass-cancel`.")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
+    request_timeout: float = Field(30.0, gt=0, description="Seconds before a request is given "
+                                   "up (a submit then counts as outcome unknown).")
+    resolve_confirmations: int = Field(3, ge=1, description="Empty uid lookups needed before "
+                                       "an in-doubt submission is sent again.")
+    resolve_delay: float = Field(0.5, ge=0, description="Seconds between those lookups "
+                                 "(growing linearly).")
+    backoff_base: float = Field(10.0, gt=0, description="First retry delay of a failed action "
+                                "or a resubmitted job (doubles each attempt).")
+    backoff_max: float = Field(600.0, gt=0, description="Cap of that delay.")
+    # --- the daemon ----------------------------------------------------------------------
+    debounce: float = Field(0.15, ge=0, description="Quiet period after a file event before "
+                            "a pass runs.")
+    max_delay: float = Field(1.0, gt=0, description="A pass runs at most this long after the "
+                             "first event, however busy the folder.")
+    resync_interval: float = Field(60.0, gt=0, description="A full pass runs at least this "
+                                   "often, events or not.")
+    poll_interval: float = Field(10.0, gt=0, description="How often live jobs are listed to "
+                                 "record completions, failures and drift.")
+    watch: Literal["inotify", "poll"] = Field("inotify", description="poll for NFS and other "
+                                              "file systems without inotify.")
+    shutdown_deadline: float = Field(10.0, ge=0, description="Seconds in-flight requests get "
+                                     "to finish on SIGTERM.")
+    metrics_listen: str | None = Field(None, description="host:port of /metrics, /healthz and "
+                                       "/readyz (off by default).")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="Event format.")
+
+    def plan_policy(self, *, allow_mass_cancel: bool = False) -> PlanPolicy:
+        return PlanPolicy(
+            allow_empty=self.allow_empty,
+            mass_cancel_ratio=self.mass_cancel_ratio,
+            mass_cancel_min=self.mass_cancel_min,
+            allow_mass_cancel=allow_mass_cancel,
+            backoff_base=self.backoff_base,
+            backoff_max=self.backoff_max,
+        )
+
+    def state_path(self) -> Path:
+        return self.state or default_path()
+
+    def key_path(self) -> Path:
+        """The first that exists of: --key, the systemd credential, the Bacalhau CLI key."""
+        if self.key is not None:
+            return self.key.expanduser()
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials and (Path(credentials) / "signing-key").exists():
+            return Path(credentials) / "signing-key"
+        return CLI_KEY.expanduser()
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings; ``flags`` that are None were not given on the command line."""
+    file_values = _read_config(config)
+    try:
+        from_env = Settings()
+        env_values = {name: getattr(from_env, name) for name in from_env.model_fields_set}
+        merged = {**file_values, **env_values,
+                  **{k: v for k, v in flags.items() if v is not None}}
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_render(exc, config)) from None
+
+
+def _read_config(config: Path | None) -> dict[str, Any]:
+    path = config or DEFAULT_CONFIG
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        if config is not None:
+            raise SettingsError(f"{config}: config file not found") from None
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _render(exc: ValidationError, config: Path | None) -> str:
+    where = str(config or DEFAULT_CONFIG) + " / RECONCILER_* / flags"
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+        for e in exc.errors(include_input=False, include_url=False)
+    )
+    return f"invalid settings ({where}): {problems}"

@@ -1,0 +1,224 @@
+"""The state store: one SQLite file holding a record per managed name.
+
+Durability rules (ops.md 4.1-4.2):
+
+* WAL journal; an explicit ``BEGIN IMMEDIATE`` per transaction; one writer connection.
+* Intents (what we are about to do remotely) are committed with ``synchronous=FULL``, so they
+  survive a power loss: an intent is what lets a restarted daemon find a job whose reply was
+  lost instead of submitting it twice. Several intents share one commit (one fsync) when a
+  pass submits many jobs.
+* Outcomes (job ids, states) are committed with ``synchronous=NORMAL``: losing one to a power
+  cut only means resolving its intent again by uid.
+
+The schema is versioned (``PRAGMA user_version``) and migrated forward on open; a store written
+by a newer version is refused. A writer takes an exclusive ``flock`` on ``<db>.lock`` so two
+daemons never share a store.
+
+Errors: :class:`StoreError` (and :class:`StoreLocked`, :class:`StoreTooNew`), translated from
+``sqlite3`` and ``OSError`` where they enter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from reconciler.records import Phase, Record
+
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        job_id TEXT,
+        uid TEXT,
+        job_state TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        on_remove TEXT NOT NULL DEFAULT 'cancel',
+        revision TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_job_id ON jobs(job_id);
+    """,
+}
+
+_COLUMNS = tuple(f.name for f in fields(Record))
+
+
+class StoreError(Exception):
+    """The state store cannot be used."""
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+class StoreTooNew(StoreError):
+    pass
+
+
+def default_path() -> Path:
+    """``$STATE_DIRECTORY/state.db`` under systemd, else ``~/.local/state/reconciler``."""
+    state_dirs = os.environ.get("STATE_DIRECTORY")
+    if state_dirs:
+        return Path(state_dirs.split(":")[0]) / "state.db"
+    return Path.home() / ".local/state/reconciler/state.db"
+
+
+@contextlib.contextmanager
+def _translated(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror or exc}") from exc
+
+
+class Store:
+    """Records by name. ``writer=False`` opens read-only (``plan``, ``status``)."""
+
+    def __init__(self, path: Path, *, writer: bool = True) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+        with _translated(path):
+            if writer:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._lock_fd = _take_lock(path)
+            self._db = self._connect(path, writer)
+            self._migrate(writer)
+
+    # --- opening ------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path, writer: bool) -> sqlite3.Connection:
+        if not writer and not path.exists():
+            db = sqlite3.connect(":memory:", isolation_level=None)
+        elif writer:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+        else:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                 check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _migrate(self, writer: bool) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreTooNew(
+                f"{self.path}: written by a newer reconciler (schema {version}, this one "
+                f"knows {SCHEMA_VERSION}); upgrade reconciler or use another --state"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if not writer:
+            if self.path.exists():
+                raise StoreError(f"{self.path}: needs a schema upgrade; run the daemon or "
+                                 "`reconciler apply` once")
+            self._db.executescript(_MIGRATIONS[1])  # an empty in-memory view
+            return
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            # executescript commits whatever is open first, so the script carries its own
+            # transaction: a crash mid-migration leaves the previous version intact.
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {_MIGRATIONS[step]}; PRAGMA user_version={step}; COMMIT;"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- reading ------------------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        with _translated(self.path):
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY name").fetchall()
+        return [_record(row) for row in rows]
+
+    def get(self, name: str) -> Record | None:
+        with _translated(self.path):
+            row = self._db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return _record(row) if row else None
+
+    def check(self) -> str:
+        """``PRAGMA quick_check``: "ok" or the first problem found."""
+        with _translated(self.path):
+            return str(self._db.execute("PRAGMA quick_check").fetchone()[0])
+
+    # --- writing ------------------------------------------------------------------------
+
+    def commit_intents(self, records: Sequence[Record]) -> None:
+        """Write intents durably (FULL): one fsync for the whole batch."""
+        self._write(records, durable=True)
+
+    def save(self, records: Sequence[Record]) -> None:
+        """Write outcomes (NORMAL): cheap; an intent already guards each of them."""
+        self._write(records, durable=False)
+
+    def forget(self, names: Iterable[str]) -> None:
+        with _translated(self.path), self._transaction(durable=False):
+            self._db.executemany("DELETE FROM jobs WHERE name = ?", [(n,) for n in names])
+
+    def _write(self, records: Sequence[Record], durable: bool) -> None:
+        if not records:
+            return
+        now = time.time()
+        rows = [asdict(r) | {"phase": str(r.phase), "updated_at": now} for r in records]
+        placeholders = ", ".join(f":{c}" for c in _COLUMNS)
+        sql = f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        with _translated(self.path), self._transaction(durable):
+            self._db.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool) -> Iterator[None]:
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _take_lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLocked(
+            f"{path}: in use by another reconciler process (lock {lock_path}); "
+            "two daemons must not share a store"
+        ) from None
+    return fd
+
+
+def _record(row: sqlite3.Row) -> Record:
+    values: dict[str, Any] = {column: row[column] for column in _COLUMNS}
+    values["phase"] = Phase(values["phase"])
+    return Record(**values)

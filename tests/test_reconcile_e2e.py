@@ -1,0 +1,248 @@
+"""DESIGN's plan rules end to end: real files, real SQLite, the real CLI, a real requester.
+
+Every case asserts on the requester's own job list, not only on our store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from reconciler.records import Phase
+from tests.conftest import DevProcess
+from tests.harness import Harness, envelope
+
+
+@pytest.fixture
+def h(tmp_path: Path, dev: DevProcess, rsa_key: Path) -> Harness:
+    return Harness(tmp_path, dev, rsa_key)
+
+
+def test_add_then_nothing_then_change_then_remove(h: Harness) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.apply()
+    [job] = h.jobs("a")
+    assert job["State"]["State"] == "New"
+    assert h.records()["a"].job_id == job["Job"]["Metadata"]["ID"]
+
+    h.apply()  # unchanged: nothing happens
+    assert len(h.jobs("a")) == 1
+
+    h.write("a.yaml", envelope("a", image="ubuntu:24.04"))
+    h.apply()
+    assert h.states("a") == ["Cancelled", "New"]
+    live = [j for j in h.jobs("a") if j["State"]["State"] == "New"][0]
+    assert live["Job"]["Spec"]["Docker"]["Image"] == "ubuntu:24.04"
+    assert h.records()["a"].job_id == live["Job"]["Metadata"]["ID"]
+
+    h.write("b.yaml", envelope("b"))  # keep the folder non-empty
+    (h.root / "a.yaml").unlink()
+    h.apply()
+    assert h.states("a") == ["Cancelled", "Cancelled"]
+    assert "a" not in h.records()
+
+
+def test_rename_and_reformat_change_nothing(h: Harness) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.apply()
+    job_id = h.jobs("a")[0]["Job"]["Metadata"]["ID"]
+    os.rename(h.root / "a.yaml", h.root / "renamed.yml")
+    h.apply()
+    text = envelope("a").replace("engine: docker", "Engine: DOCKER").replace("  docker:",
+                                                                             "  Docker:")
+    h.write("sub/moved.yaml", "# reformatted\n" + text)
+    (h.root / "renamed.yml").unlink()
+    h.apply()
+    assert [j["Job"]["Metadata"]["ID"] for j in h.jobs("a")] == [job_id]
+    assert h.states("a") == ["New"]
+    assert h.records()["a"].path == "sub/moved.yaml"
+
+
+def test_native_bacalhau_file_is_a_manifest(h: Harness) -> None:
+    examples = Path(__file__).parents[2] / "shared/bacalhau/examples"
+    (h.root / "job-s3.yaml").write_bytes((examples / "job-s3.yaml").read_bytes())
+    h.apply()
+    [job] = h.jobs("job-s3")
+    assert job["Job"]["Spec"]["PublisherSpec"]["Type"] == "S3"
+
+
+def test_broken_manifest_is_held_and_nothing_cancelled(h: Harness) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.write("b.yaml", envelope("b"))
+    h.apply()
+    h.write("a.yaml", envelope("a").replace("image: ubuntu:22.04", "image: [oops"))
+    h.write("b.yaml", envelope("b", image="ubuntu:24.04"))  # others keep reconciling
+    h.write("c.yaml", envelope("c"))
+    result = h.apply()
+    assert h.states("a") == ["New"]
+    assert h.states("b") == ["Cancelled", "New"]
+    assert h.states("c") == ["New"]
+    invalid = [e for e in h.events(result) if e["event"] == "manifest.invalid"]
+    assert [(e["path"], e["line"]) for e in invalid] == [("a.yaml", 10)]
+    assert "flow sequence started at line 9" in invalid[0]["reason"]
+    assert "degraded" in result.stdout
+    assert any(e["event"] == "manifest.hold" and e["name"] == "a" for e in h.events(result))
+    validate = h.cli("validate")
+    assert validate.returncode == 1
+    assert validate.stdout.startswith("a.yaml:10: file: invalid YAML")
+
+
+def test_broken_document_of_a_multi_document_file_holds_all_its_jobs(h: Harness) -> None:
+    h.write("pair.yaml", envelope("x") + "---\n" + envelope("y"))
+    h.write("other.yaml", envelope("z"))
+    h.apply()
+    h.write("pair.yaml", envelope("x") + "---\n" + envelope("y").replace("engine: docker",
+                                                                         "engine: spark"))
+    h.apply()
+    assert h.states("x") == ["New"] and h.states("y") == ["New"]
+    h.write("pair.yaml", "{{{ not yaml")  # a file that no longer parses at all
+    h.apply()
+    assert h.states("x") == ["New"] and h.states("y") == ["New"]
+    assert {"x", "y", "z"} <= set(h.records())
+
+
+def test_duplicate_names_are_both_invalid(h: Harness) -> None:
+    h.write("one.yaml", envelope("dup"))
+    h.apply()
+    h.write("two.yaml", envelope("dup", image="alpine"))
+    result = h.apply()
+    assert h.states("dup") == ["New"]  # the existing job is held, not replaced
+    errors = [e for e in h.events(result) if e["event"] == "manifest.invalid"]
+    assert sorted(e["path"] for e in errors) == ["one.yaml", "two.yaml"]
+    (h.root / "one.yaml").unlink()
+    h.apply()
+    assert h.states("dup") == ["Cancelled", "New"]  # now unique again: replaced
+
+
+@pytest.mark.parametrize("make", ["empty", "missing", "file-instead"])
+def test_unusable_folder_is_not_ready_and_cancels_nothing(h: Harness, make: str) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.apply()
+    (h.root / "a.yaml").unlink()
+    if make == "missing":
+        h.root.rmdir()
+    elif make == "file-instead":
+        h.root.rmdir()
+        h.root.write_text("not a folder")
+    result = h.apply(expect=3)
+    assert h.states("a") == ["New"]
+    assert "not ready" in result.stdout
+    assert any(e["event"] == "source.not_ready" for e in h.events(result))
+
+
+def test_allow_empty_cancels_on_purpose(h: Harness) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.apply()
+    (h.root / "a.yaml").unlink()
+    h.env["RECONCILER_ALLOW_EMPTY"] = "true"
+    h.apply()
+    assert h.states("a") == ["Cancelled"]
+
+
+def test_unreadable_files_hold_their_jobs(h: Harness) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.write("b.yaml", envelope("b"))
+    h.write("c.yaml", envelope("c"))
+    h.apply()
+    (h.root / "a.yaml").unlink()
+    os.symlink("a.yaml", h.root / "a.yaml")  # a loop: ELOOP on open
+    (h.root / "b.yaml").unlink()
+    os.symlink("nowhere.yaml", h.root / "b.yaml")
+    result = h.apply()
+    assert h.states("a") == ["New"] and h.states("b") == ["New"]
+    reasons = {e["path"]: e["reason"] for e in h.events(result) if e["event"] == "manifest.invalid"}
+    assert "Too many levels of symbolic links" in reasons["a.yaml"]
+    assert reasons["b.yaml"] == "symbolic link to nothing"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its mode")
+def test_permission_denied_holds(h: Harness) -> None:
+    h.write("a.yaml", envelope("a"))
+    h.write("b.yaml", envelope("b"))
+    h.apply()
+    (h.root / "a.yaml").chmod(0)
+    h.apply()
+    assert h.states("a") == ["New"]
+
+
+def test_mass_removal_is_blocked_then_allowed_once(h: Harness) -> None:
+    for name in "abcdef":
+        h.write(f"{name}.yaml", envelope(name))
+    h.apply()
+    for name in "abcde":
+        (h.root / f"{name}.yaml").unlink()
+    result = h.apply(expect=3)
+    assert "prune.blocked" in result.stdout
+    assert all(h.states(n) == ["New"] for n in "abcde")
+    plan = h.cli("plan")
+    assert plan.returncode == 0  # blocked cancels are not changes
+    assert "x blocked" in plan.stdout
+    h.apply("--allow-mass-cancel")
+    assert all(h.states(n) == ["Cancelled"] for n in "abcde")
+    assert h.states("f") == ["New"]
+    h.apply()  # allowed once: nothing left to block
+    assert set(h.records()) == {"f"}
+
+
+def test_completed_and_failed_jobs(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path
+) -> None:
+    h = Harness(tmp_path, dev_factory("--job-duration", "0.2"), rsa_key,
+                {"RECONCILER_BACKOFF_BASE": "0.01"})
+    h.write("done.yaml", envelope("done"))
+    h.write("fails.yaml", envelope("fails", annotations=("devnet:fail",)))
+    h.write("retries.yaml", envelope("retries", annotations=("devnet:fail",),
+                                     policy="onFailure: resubmit;maxRetries: 2"))
+    h.apply()
+    for _ in range(15):
+        time.sleep(0.25)
+        h.apply()
+        retries = h.records()["retries"]
+        if retries.phase is Phase.FAILED and retries.attempts == 3:
+            break
+    for _ in range(2):  # and it stays that way
+        time.sleep(0.25)
+        h.apply()
+    assert h.states("done") == ["Completed"]  # never resubmitted
+    assert h.states("fails") == ["Error"]  # onFailure=none
+    assert h.states("retries") == ["Error"] * 3  # one submit and two retries, then it stops
+    records = h.records()
+    assert records["done"].phase is Phase.COMPLETED
+    assert records["retries"].phase is Phase.FAILED and records["retries"].attempts == 3
+    h.write("retries.yaml", envelope("retries", image="alpine", annotations=("devnet:fail",),
+                                     policy="onFailure: resubmit;maxRetries: 2"))
+    h.apply()  # a changed spec is tried at once: backoff is per (name, spec hash)
+    assert len(h.jobs("retries")) == 4
+
+
+def test_secrets_never_appear_in_any_output(h: Harness) -> None:
+    secret = "hunter2-very-secret"
+    h.write("a.yaml", envelope("a", env=(f"PASSWORD={secret}",)))
+    h.write("s3.yaml", f"""apiVersion: reconciler/v1
+kind: Job
+metadata: {{name: s3}}
+spec:
+  engine: noop
+  publisher: noop
+  inputs:
+    - storageSource: s3
+      s3: {{bucket: b, key: k, endpoint: "https://user:{secret}@s3.example.com"}}
+      path: /in
+    - storageSource: urldownload
+      url: "https://admin:{secret}@data.example.com/x"
+      path: /x
+""")
+    h.write("broken.yaml", envelope("broken", env=(f"TOKEN={secret}",)).replace(
+        "image: ubuntu:22.04", f"image: {{{secret}: 1}}"))
+    outputs = [h.apply(), h.cli("plan", "--json"), h.cli("plan"), h.cli("status"),
+               h.cli("status", "--json"), h.cli("validate")]
+    (h.root / "a.yaml").unlink()
+    outputs.append(h.apply())
+    for result in outputs:
+        assert secret not in result.stdout + result.stderr
+    # The requester itself got the values (they are the job's), of course.
+    assert any(secret in str(j["Job"]["Spec"]) for j in h.jobs("s3"))
