@@ -54,7 +54,8 @@ EFFECTS = frozenset(
 )
 SYMBOLS = {
     Action.SUBMIT: "+", Action.RESUBMIT: "+", Action.REPLACE: "~", Action.CANCEL: "-",
-    Action.RESOLVE: "=", Action.FORGET: "-", Action.UPDATE: "*", Action.HOLD: "!", Action.BLOCKED: "x",
+    Action.RESOLVE: "=", Action.FORGET: "-", Action.UPDATE: "*", Action.HOLD: "!",
+    Action.BLOCKED: "x",
     Action.WAIT: ".", Action.NOOP: " ",
 }
 

@@ -52,7 +52,9 @@ class Harness:
         os.replace(tmp, path)
         return path
 
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "reconciler", "--log-format", "json", args[0],
                    "--manifests", str(self.root), "--state", str(self.state),
                    "--endpoint", self.dev.url, "--key", str(self.key), *args[1:]]

@@ -35,7 +35,7 @@ def test_add_then_nothing_then_change_then_remove(h: Harness) -> None:
     h.write("a.yaml", envelope("a", image="ubuntu:24.04"))
     h.apply()
     assert h.states("a") == ["Cancelled", "New"]
-    live = [j for j in h.jobs("a") if j["State"]["State"] == "New"][0]
+    live = next(j for j in h.jobs("a") if j["State"]["State"] == "New")
     assert live["Job"]["Spec"]["Docker"]["Image"] == "ubuntu:24.04"
     assert h.records()["a"].job_id == live["Job"]["Metadata"]["ID"]
 

@@ -1,0 +1,96 @@
+"""The state store: schema versions, the writer lock, durability across SIGKILL."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.records import Phase, Record
+from reconciler.state import SCHEMA_VERSION, Store, StoreLocked, StoreTooNew
+
+
+def record(name: str, phase: Phase = Phase.ACTIVE) -> Record:
+    return Record(name, phase, "h" * 64, f"{name}.yaml", job_id=f"id-{name}", uid="u")
+
+
+def test_round_trip_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store(path) as store:
+        store.commit_intents([record("a", Phase.SUBMITTING), record("b")])
+        store.save([record("a")])
+        store.forget(["b"])
+        assert [(r.name, r.phase) for r in store.records()] == [("a", Phase.ACTIVE)]
+        assert store.check() == "ok"
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_newer_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(StoreTooNew, match="newer reconciler"):
+        Store(path)
+    with pytest.raises(StoreTooNew):
+        Store(path, writer=False)
+
+
+def test_second_writer_is_refused(tmp_path: Path, rsa_key: Path) -> None:
+    path = tmp_path / "state.db"
+    with Store(path):
+        with pytest.raises(StoreLocked, match="in use by another reconciler"):
+            Store(path)
+        (tmp_path / "m").mkdir()
+        result = subprocess.run(
+            [sys.executable, "-m", "reconciler", "apply", "--state", str(path), "--manifests",
+             str(tmp_path / "m"), "--key", str(rsa_key)], capture_output=True, text=True)
+        assert result.returncode == 1
+        assert "in use by another reconciler process" in result.stderr
+        with Store(path, writer=False) as reader:  # readers are never locked out
+            assert reader.records() == []
+    Store(path).close()  # released with its holder
+
+
+def _commit_then_die(path: str) -> None:
+    store = Store(Path(path))
+    store.commit_intents([record("survives", Phase.SUBMITTING)])
+    store._db.execute("BEGIN IMMEDIATE")
+    store._db.execute("DELETE FROM jobs")  # an uncommitted change, then a hard kill
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_committed_intent_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    child = multiprocessing.get_context("spawn").Process(target=_commit_then_die,
+                                                          args=(str(path),))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    with Store(path) as store:
+        assert [r.name for r in store.records()] == ["survives"]
+        assert store.check() == "ok"
+
+
+def test_reader_of_a_missing_store_sees_nothing(tmp_path: Path) -> None:
+    with Store(tmp_path / "absent.db", writer=False) as store:
+        assert store.records() == []
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    from reconciler.state import StoreError
+
+    with pytest.raises(StoreError, match="file"):
+        Store(blocker / "state.db")
