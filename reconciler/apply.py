@@ -66,6 +66,8 @@ class ApplyReport:
 
     counts: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    done: int = 0
+    total: int = 0
 
     def count(self, key: str) -> None:
         self.counts[key] += 1
@@ -95,6 +97,8 @@ class Executor:
         self._resolve_delay = resolve_delay
         self._clock = clock
         self._log = structlog.get_logger("reconciler.apply")
+        #: Called with (done, total) as actions finish; the CLI draws a progress line with it.
+        self.on_progress: Callable[[int, int], None] | None = None
 
     async def apply(self, plan: Plan) -> ApplyReport:
         report = ApplyReport()
@@ -104,6 +108,7 @@ class Executor:
         await self._resolve([d for d in changes if d.action is Action.RESOLVE], report)
         actions = [d for d in changes
                    if d.action not in (Action.FORGET, Action.UPDATE, Action.RESOLVE)]
+        report.total = len(actions)
         pending: set[asyncio.Task[None]] = set()
         for start in range(0, len(actions), INTENT_BATCH):
             while len(pending) >= INTENT_BATCH:
@@ -150,6 +155,9 @@ class Executor:
     async def _bounded(self, decision: Decision, intent: Record, report: ApplyReport) -> None:
         async with self._semaphore:
             await self._carry_out(decision, intent, report)
+        report.done += 1
+        if self.on_progress is not None:
+            self.on_progress(report.done, report.total)
 
     async def _carry_out(self, decision: Decision, intent: Record, report: ApplyReport) -> None:
         if decision.action in (Action.SUBMIT, Action.RESUBMIT):

@@ -14,7 +14,7 @@ import click
 import structlog
 
 from reconciler import events
-from reconciler.apply import Executor
+from reconciler.apply import ApplyReport, Executor
 from reconciler.client import ApiClient, RequesterError
 from reconciler.desired import collect
 from reconciler.observe import observe
@@ -196,6 +196,8 @@ async def apply_until_settled(
         executor = Executor(store, client, policy, concurrency=settings.concurrency,
                             confirmations=settings.resolve_confirmations,
                             resolve_delay=settings.resolve_delay)
+        if sys.stderr.isatty():
+            executor.on_progress = _progress_line
         try:
             await observe(store, client, policy)
         except RequesterError as exc:  # planning goes on; effects meet the same error
@@ -207,9 +209,15 @@ async def apply_until_settled(
             result = await reconciler.run_pass(executor)
         if result is not first:
             counts = first.report.counts + result.report.counts
-            result = PassResult(result.desired, first.plan, type(result.report)(
-                counts, first.report.errors + result.report.errors), result.duration)
+            report = ApplyReport(counts, first.report.errors + result.report.errors)
+            result = PassResult(result.desired, first.plan, report, result.duration)
         return result
+
+
+def _progress_line(done: int, total: int) -> None:
+    end = "\n" if done == total else ""
+    click.echo(f"\rapplying {done}/{total}", nl=False, err=True)
+    click.echo(end, nl=False, err=True)
 
 
 @main.command()
