@@ -99,6 +99,11 @@ class Executor:
         self._log = structlog.get_logger("reconciler.apply")
         #: Called with (done, total) as actions finish; the CLI draws a progress line with it.
         self.on_progress: Callable[[int, int], None] | None = None
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Start no new action; those not started give their intents back (see _rollback)."""
+        self._stopping = True
 
     async def apply(self, plan: Plan) -> ApplyReport:
         report = ApplyReport()
@@ -113,6 +118,8 @@ class Executor:
         for start in range(0, len(actions), INTENT_BATCH):
             while len(pending) >= INTENT_BATCH:
                 _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping:
+                break
             batch = actions[start : start + INTENT_BATCH]
             intents = [self._intent(d, plan.revision) for d in batch]
             self._store.commit_intents(intents)
@@ -154,6 +161,9 @@ class Executor:
 
     async def _bounded(self, decision: Decision, intent: Record, report: ApplyReport) -> None:
         async with self._semaphore:
+            if self._stopping:
+                self._rollback(decision, report)
+                return
             await self._carry_out(decision, intent, report)
         report.done += 1
         if self.on_progress is not None:
@@ -217,6 +227,14 @@ class Executor:
         self._log.info("job.cancelled", **fields, job_state=state)
         report.count("cancel.ok")
         return True
+
+    def _rollback(self, decision: Decision, report: ApplyReport) -> None:
+        """No request was sent for this intent: put the record back as it was."""
+        if decision.record is not None:
+            self._store.save([decision.record])
+        else:
+            self._store.forget([decision.name])
+        report.count(f"{decision.action}.not_started")
 
     def _failed(self, record: Record, what: str, exc: RequesterError, report: ApplyReport) -> None:
         now = self._clock()

@@ -257,6 +257,59 @@ def status(config: Path | None, as_json: bool, **flags: Any) -> None:
         click.echo("  ".join([*cells, str(row[-1])]).rstrip())
 
 
+# --- the daemon ----------------------------------------------------------------------------
+
+
+@main.command()
+@common_options
+@click.option("--watch", type=click.Choice(["inotify", "poll"]),
+              help="How to notice changes [default: inotify; poll for NFS and the like].")
+@click.option("--metrics-listen", help="host:port for /metrics, /healthz, /readyz, /sync.")
+@click.option("--dev", is_flag=True, help="Start an embedded dev requester with a temporary "
+              "key and state, and reconcile against it.")
+def run(config: Path | None, dev: bool, **flags: Any) -> None:
+    """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
+    from reconciler.daemon import Daemon
+
+    settings = settings_from(config, **flags)
+    dev_overrides: dict[str, Any] = {}
+    requester = None
+    if dev:
+        requester, dev_overrides = _start_dev(settings)
+        settings = settings.model_copy(update=dev_overrides)
+    signer = signer_from(settings)
+    try:
+        with opened_store(settings, writer=True) as store:
+            daemon = Daemon(settings, signer, store,
+                            reload=lambda: load_settings(config, **flags) if not dev_overrides
+                            else load_settings(config, **flags).model_copy(update=dev_overrides))
+            code = asyncio.run(daemon.run())
+    finally:
+        if requester is not None:
+            requester.stop()
+    sys.exit(code)
+
+
+def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
+    """The quick start: a dev requester on a free loopback port, a throwaway key and store."""
+    import tempfile
+
+    from reconciler.devnet import DevConfig, DevRequesterThread
+
+    scratch = Path(tempfile.mkdtemp(prefix="reconciler-dev-"))
+    key = scratch / "dev-key.pem"
+    write_new_key(key, "rsa")
+    state = settings.state or scratch / "state.db"
+    structlog.get_logger("reconciler").info(
+        "dev.started", note="reconciling against an embedded dev requester; its jobs live in "
+        "memory and end when this process stops", manifests=str(settings.manifests.absolute()),
+        key=str(key), state=str(state))
+    requester = DevRequesterThread(DevConfig(job_duration=30.0)).start()
+    structlog.get_logger("reconciler").info("dev.requester", endpoint=requester.url)
+    return requester, {"endpoint": requester.url, "key": key, "state": state,
+                       "api_prefix": "/api/v1"}
+
+
 # --- keys and the dev requester ------------------------------------------------------------
 
 

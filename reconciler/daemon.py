@@ -1,0 +1,370 @@
+"""``reconciler run``: the long-running loop that keeps passes coming and never goes deaf.
+
+One worker coroutine does all the work, one piece at a time, so passes and observations never
+interleave their writes to the store:
+
+* file events (from the watcher thread) mark the folder dirty; a pass runs after ``debounce``
+  seconds of quiet, and never later than ``max_delay`` after the first event of a burst;
+* a full pass runs every ``resync_interval`` whatever events arrive (inotify loses events);
+* live jobs are observed every ``poll_interval``; a change found there is followed by a pass;
+* SIGHUP re-reads the configuration and runs a pass; SIGUSR1 (or ``POST /sync``) runs one now;
+* SIGTERM/SIGINT: no new actions (not-started intents are given back), in-flight requests get
+  ``shutdown_deadline`` seconds, then they are cancelled; exit 0. A second signal exits at once:
+  SQLite's journal keeps the store whole either way.
+
+systemd hears ``READY=1`` after the first complete pass, ``STATUS=`` after each pass,
+``WATCHDOG=1`` only while passes keep completing, ``RELOADING=1`` around a reload and
+``STOPPING=1`` on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from enum import Enum
+
+import structlog
+
+from reconciler.apply import Executor
+from reconciler.client import ApiClient, RequesterError
+from reconciler.metrics import HealthServer, standard_metrics
+from reconciler.notify import Notifier
+from reconciler.observe import observe
+from reconciler.plan import PlanPolicy
+from reconciler.reconcile import PassResult, Reconciler
+from reconciler.settings import Settings, SettingsError
+from reconciler.signing import Signer
+from reconciler.source import FolderSource
+from reconciler.state import Store, StoreError
+from reconciler.watch import Watcher
+
+_RETRY_AFTER_FAILED_PASS = 2.0
+_SETTLE_AFTER_CHANGES = 1.0
+
+
+class _Work(Enum):
+    PASS = "pass"
+    POLL = "poll"
+    STOP = "stop"
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        signer: Signer,
+        store: Store,
+        *,
+        reload: Callable[[], Settings] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self._signer = signer
+        self._store = store
+        self._reload = reload
+        self._notifier = notifier or Notifier()
+        self._metrics = standard_metrics()
+        self._log = structlog.get_logger("reconciler")
+        self._reconciler = Reconciler(FolderSource(settings.manifests), store, self._policy())
+        self._started = time.monotonic()
+        self._last_alive = self._started  # a completed pass, or progress inside one
+        self._last_result: PassResult | None = None
+        self._last_pass_ok = False
+        self._dirty_since: float | None = None
+        self._last_event = 0.0
+        self._stopping = False
+        self._reload_requested = False
+        self._sync_requested = False
+        self._reload_done_pending = False  # READY=1 goes out after the pass that follows
+        self._executor: Executor | None = None
+        self._pass_task: asyncio.Task[PassResult] | None = None
+
+    def _policy(self) -> PlanPolicy:
+        return self.settings.plan_policy()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._install_signals(loop)
+        def from_watcher_thread() -> None:
+            loop.call_soon_threadsafe(self._on_file_event)
+
+        watcher = Watcher(self.settings.manifests, from_watcher_thread, self.settings.watch)
+        watcher.start()
+        self._watcher = watcher
+        server = await self._start_health_server()
+        pinger = self._start_watchdog()
+        self._log.info("daemon.started", manifests=str(self.settings.manifests),
+                       endpoint=self.settings.endpoint, client_id=self._signer.client_id,
+                       state=str(self._store.path), watch=self.settings.watch, pid=os.getpid())
+        try:
+            async with ApiClient(self.settings.endpoint, self._signer,
+                                 prefix=self.settings.api_prefix,
+                                 timeout=self.settings.request_timeout,
+                                 max_connections=max(16, self.settings.concurrency)) as client:
+                client.on_request = self._on_request
+                self._client = client
+                self._executor = self._new_executor()
+                await self._work_loop()
+        finally:
+            self._notifier.stopping()
+            if pinger is not None:
+                pinger.cancel()
+            watcher.stop()
+            if server is not None:
+                await server.stop()
+            self._log.info("daemon.stopped")
+        return 0
+
+    def _new_executor(self) -> Executor:
+        executor = Executor(self._store, self._client, self._policy(),
+                            concurrency=self.settings.concurrency,
+                            confirmations=self.settings.resolve_confirmations,
+                            resolve_delay=self.settings.resolve_delay)
+        executor.on_progress = lambda done, total: self._alive()
+        return executor
+
+    async def _work_loop(self) -> None:
+        next_resync = time.monotonic()  # the first pass runs at once
+        next_poll = next_resync + self.settings.poll_interval
+        while True:
+            work = await self._next_work(next_resync, next_poll)
+            if work is _Work.STOP:
+                return
+            if self._reload_requested:
+                self._apply_reload()
+            if work is _Work.POLL:
+                next_poll = time.monotonic() + self.settings.poll_interval
+                if not await self._observe():
+                    continue
+            next_resync = time.monotonic() + await self._pass_then_delay()
+
+    async def _next_work(self, next_resync: float, next_poll: float) -> _Work:
+        while True:
+            now = time.monotonic()
+            if self._stopping:
+                return _Work.STOP
+            if self._sync_requested or self._reload_requested:
+                self._sync_requested = False
+                return _Work.PASS
+            if self._dirty_since is not None:
+                settled = now - self._last_event >= self.settings.debounce
+                overdue = now - self._dirty_since >= self.settings.max_delay
+                if settled or overdue:
+                    return _Work.PASS
+            if now >= next_resync:
+                return _Work.PASS
+            if now >= next_poll:
+                return _Work.POLL
+            await self._sleep_until(min(next_resync, next_poll, self._debounce_deadline()))
+
+    def _debounce_deadline(self) -> float:
+        if self._dirty_since is None:
+            return float("inf")
+        return min(self._last_event + self.settings.debounce,
+                   self._dirty_since + self.settings.max_delay)
+
+    async def _sleep_until(self, deadline: float) -> None:
+        self._wake.clear()
+        timeout = max(0.0, deadline - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    # --- passes and observations ----------------------------------------------------------
+
+    async def _pass_then_delay(self) -> float:
+        """Run a pass; return how long until the next full one.
+
+        A pass that changed something is followed by a settle pass a second later (an adopted
+        job whose manifest is gone is cancelled then); failed actions back off in the plan, so
+        this cannot spin.
+        """
+        if not await self._guarded_pass():
+            return _RETRY_AFTER_FAILED_PASS
+        result = self._last_result
+        if result is not None and result.plan.changes:
+            return min(self.settings.resync_interval, _SETTLE_AFTER_CHANGES)
+        return self.settings.resync_interval
+
+    async def _guarded_pass(self) -> bool:
+        """Run one pass; a failure is logged and reported, never the end of the loop."""
+        self._dirty_since = None
+        if self._watcher.ensure():
+            self._log.info("watch.moved", manifests=str(self.settings.manifests))
+        assert self._executor is not None
+        self._pass_task = asyncio.create_task(self._reconciler.run_pass(self._executor))
+        try:
+            result = await self._pass_task
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            self._log.warning("pass.cancelled", reason="shutdown deadline reached")
+            return False
+        except (StoreError, RequesterError, OSError) as exc:
+            self._pass_failed(exc)
+            return False
+        except Exception as exc:  # the loop must not die of a bug in one pass
+            self._log.exception("pass.failed", error=type(exc).__name__)
+            self._pass_failed(exc)
+            return False
+        finally:
+            self._pass_task = None
+        self._pass_completed(result)
+        return True
+
+    def _pass_failed(self, exc: BaseException) -> None:
+        self._last_pass_ok = False
+        self._metrics.inc("reconciler_passes_total", outcome="failed")
+        self._metrics.set("reconciler_ready", 0)
+        self._log.error("pass.failed", error=str(exc) or type(exc).__name__,
+                        retry_in_s=_RETRY_AFTER_FAILED_PASS)
+        self._notifier.status(f"degraded: pass failed: {exc}")
+
+    def _pass_completed(self, result: PassResult) -> None:
+        first = self._last_result is None
+        self._last_result, self._last_pass_ok = result, True
+        self._alive()
+        self._record_pass_metrics(result)
+        if first or self._reload_done_pending:
+            self._reload_done_pending = False
+            self._notifier.ready(result.summary())
+        else:
+            self._notifier.status(result.summary())
+
+    async def _observe(self) -> bool:
+        """Refresh live jobs; True when something changed that a pass should act on."""
+        try:
+            counts: Counter[str] = await observe(self._store, self._client, self._policy())
+        except (RequesterError, StoreError) as exc:
+            self._log.warning("observe.failed", error=str(exc))
+            return False
+        return bool(counts)
+
+    # --- reload ---------------------------------------------------------------------------
+
+    def _apply_reload(self) -> None:
+        self._reload_requested = False
+        self._notifier.reloading()
+        if self._reload is None:
+            self._reload_done_pending = True
+            return
+        try:
+            fresh = self._reload()
+        except SettingsError as exc:
+            self._log.error("config.reload_failed", error=str(exc), reason="keeping the "
+                            "previous configuration")
+            self._reload_done_pending = True
+            return
+        changed = sorted(k for k in Settings.model_fields
+                         if getattr(fresh, k) != getattr(self.settings, k))
+        restart_needed = [k for k in changed if k in ("endpoint", "api_prefix", "key", "state",
+                                                      "watch", "metrics_listen", "manifests")]
+        applied = [k for k in changed if k not in restart_needed]
+        self.settings = self.settings.model_copy(update={k: getattr(fresh, k) for k in applied})
+        self._reconciler.policy = self._policy()
+        self._executor = self._new_executor()
+        self._log.info("config.reloaded", changed=applied, needs_restart=restart_needed)
+        self._reload_done_pending = True
+
+    # --- signals, events, health --------------------------------------------------------
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self.request_sync)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:
+            self._log.warning("daemon.killed", signal=sig.name, reason="second signal")
+            os._exit(128 + sig.value)  # at once; SQLite's journal keeps the store whole
+        self._stopping = True
+        self._log.info("daemon.stopping", signal=sig.name,
+                       deadline_s=self.settings.shutdown_deadline)
+        self._notifier.stopping()
+        if self._executor is not None:
+            self._executor.stop()
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.settings.shutdown_deadline, self._cancel_in_flight)
+        self._wake.set()
+
+    def _cancel_in_flight(self) -> None:
+        if self._pass_task is not None:
+            self._pass_task.cancel()
+
+    def _on_reload_signal(self) -> None:
+        self._log.info("daemon.reload_requested")
+        self._reload_requested = True
+        self._wake.set()
+
+    def request_sync(self) -> None:
+        self._sync_requested = True
+        self._wake.set()
+
+    def _on_file_event(self) -> None:
+        now = time.monotonic()
+        if self._dirty_since is None:
+            self._dirty_since = now
+        self._last_event = now
+        self._wake.set()
+
+    def _alive(self) -> None:
+        self._last_alive = time.monotonic()
+
+    def healthy(self) -> bool:
+        """Passes keep completing (or a long pass keeps making progress)."""
+        return time.monotonic() - self._last_alive <= 2 * self.settings.resync_interval + 10
+
+    def ready(self) -> bool:
+        result = self._last_result
+        return bool(result and self._last_pass_ok and result.plan.ready and self.healthy())
+
+    def _start_watchdog(self) -> asyncio.Task[None] | None:
+        interval = self._notifier.watchdog_interval
+        if interval is None:
+            return None
+
+        async def ping() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if self.healthy():
+                    self._notifier.watchdog()
+                else:
+                    self._log.error("watchdog.withheld", reason="no pass completed recently")
+
+        return asyncio.create_task(ping())
+
+    async def _start_health_server(self) -> HealthServer | None:
+        if not self.settings.metrics_listen:
+            return None
+        server = HealthServer(self._metrics, self.healthy, self.ready, self.request_sync)
+        await server.start(self.settings.metrics_listen)
+        return server
+
+    # --- metrics ------------------------------------------------------------------------
+
+    def _on_request(self, operation: str, status: int | None, seconds: float) -> None:
+        self._metrics.inc("reconciler_requests_total", operation=operation,
+                          status=str(status or 0))
+        self._metrics.observe("reconciler_request_duration_seconds", seconds,
+                              operation=operation)
+
+    def _record_pass_metrics(self, result: PassResult) -> None:
+        m = self._metrics
+        m.inc("reconciler_passes_total", outcome="completed")
+        m.observe("reconciler_pass_duration_seconds", result.duration)
+        for key, count in result.report.counts.items():
+            action, _, outcome = key.partition(".")
+            m.inc("reconciler_actions_total", count, action=action, outcome=outcome)
+        phases = Counter(str(r.phase) for r in self._store.records())
+        m.replace("reconciler_jobs", [({"phase": p}, n) for p, n in phases.items()])
+        m.set("reconciler_held_manifests", result.held)
+        m.set("reconciler_ready", 1 if result.plan.ready else 0)
+        m.set("reconciler_last_pass_timestamp_seconds", time.time())

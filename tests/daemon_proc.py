@@ -1,0 +1,82 @@
+"""A real ``reconciler run`` process, its JSON event stream collected on a thread."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+
+
+class DaemonProcess:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "reconciler", "--log-format", "json", "run", *args]
+        environment = {**os.environ, "RECONCILER_RESOLVE_DELAY": "0.05", **(env or {})}
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, env=environment)
+        self.events: list[Event] = []
+        self.raw: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._lock:
+                self.raw.append(line)
+                if line.startswith("{"):
+                    try:
+                        self.events.append(json.loads(line))
+                    except ValueError:
+                        pass
+
+    def named(self, name: str) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if e.get("event") == name]
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0,
+                 what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        tail = "".join(self.raw[-30:])
+        raise AssertionError(f"timed out waiting for {what}; daemon output tail:\n{tail}")
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[Event]:
+        return self.wait_for(lambda: len(self.named(name)) >= count and self.named(name),
+                             timeout, f"{count} x {name}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._reader.join(timeout=5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
+
+
+def daemon_args(root: Path, state: Path, url: str, key: Path, *extra: str) -> list[str]:
+    return ["--manifests", str(root), "--state", str(state), "--endpoint", url,
+            "--key", str(key), *extra]

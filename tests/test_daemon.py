@@ -1,0 +1,305 @@
+"""The daemon as a real process: reaction, editor saves, breakage, bursts, symlink swaps,
+signals and shutdown, sd_notify, metrics and the event stream."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import DevProcess
+from tests.daemon_proc import DaemonProcess, daemon_args
+from tests.harness import envelope
+
+
+@pytest.fixture
+def started(tmp_path: Path, rsa_key: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    procs: list[DaemonProcess] = []
+
+    def start(dev: DevProcess, *extra: str, root: Path | None = None,
+              env: dict[str, str] | None = None) -> DaemonProcess:
+        manifests = root or tmp_path / "manifests"
+        manifests.mkdir(exist_ok=True)
+        proc = DaemonProcess(daemon_args(manifests, tmp_path / "state.db", dev.url, rsa_key,
+                                         *extra), env)
+        procs.append(proc)
+        proc.wait_event("pass.completed")
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def by_name(dev: DevProcess) -> dict[str, list[str]]:
+    jobs: dict[str, list[str]] = {}
+    for job in dev.jobs():
+        for tag in job["Job"]["Spec"]["Annotations"]:
+            if tag.startswith("reconciler-manifest:"):
+                jobs.setdefault(tag.split(":", 1)[1], []).append(job["State"]["State"])
+    return {name: sorted(states) for name, states in jobs.items()}
+
+
+def wait_until(check: Callable[[], object], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".swp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def test_drop_edit_save_break_delete(tmp_path: Path, dev: DevProcess,
+                                     started: Callable[..., DaemonProcess]) -> None:
+    root = tmp_path / "manifests"
+    root.mkdir()
+    write_atomic(root / "keep.yaml", envelope("keep"))
+    daemon = started(dev)
+    (root / "a.yaml").write_text(envelope("a"))
+    dropped = time.monotonic()
+    wait_until(lambda: by_name(dev).get("a") == ["New"], timeout=1.0)
+    assert time.monotonic() - dropped < 1.0
+
+    write_atomic(root / "a.yaml", envelope("a", image="alpine"))  # an editor's atomic save
+    wait_until(lambda: by_name(dev).get("a") == ["Cancelled", "New"])
+
+    write_atomic(root / "a.yaml", envelope("a").replace("engine: docker", "engine: [x"))
+    daemon.wait_event("manifest.invalid")
+    time.sleep(0.5)
+    assert by_name(dev)["a"] == ["Cancelled", "New"]  # held, nothing cancelled
+
+    (root / "a.yaml").unlink()
+    wait_until(lambda: by_name(dev).get("a") == ["Cancelled", "Cancelled"])
+    assert by_name(dev)["keep"] == ["New"]
+    submitted = [e["name"] for e in daemon.named("job.submitted")]
+    assert Counter(submitted) == {"keep": 1, "a": 2}
+
+
+def test_burst_of_1000_files(tmp_path: Path, dev_factory: Callable[..., DevProcess],
+                             started: Callable[..., DaemonProcess]) -> None:
+    dev = dev_factory("--job-duration", "600")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "seed.yaml").write_text(envelope("seed"))
+    daemon = started(dev, env={"RECONCILER_CONCURRENCY": "16"})
+    for index in range(1000):
+        (root / f"job-{index:04d}.yaml").write_text(envelope(f"job-{index:04d}"))
+    wait_until(lambda: len(dev.jobs()) >= 1001, timeout=120)
+    time.sleep(1.0)
+    jobs = by_name(dev)
+    assert len(jobs) == 1001
+    assert all(states == ["New"] for states in jobs.values())
+    assert len(daemon.named("job.submitted")) == 1001
+
+
+def test_symlink_swaps_never_cancel_shared_jobs(tmp_path: Path, dev: DevProcess,
+                                                started: Callable[..., DaemonProcess]) -> None:
+    shared = {f"shared-{i}": envelope(f"shared-{i}") for i in range(17)}
+    trees = [shared | {f"only-a-{i}": envelope(f"only-a-{i}") for i in range(3)},
+             shared | {f"only-b-{i}": envelope(f"only-b-{i}") for i in range(3)}]
+    sync = tmp_path / "sync"
+    sync.mkdir()
+
+    def publish(revision: int) -> None:
+        """git-sync's way: a new worktree, a new link renamed over the old, old tree deleted."""
+        tree = sync / f"rev-{revision:04d}"
+        tree.mkdir()
+        for name, text in trees[revision % 2].items():
+            (tree / f"{name}.yaml").write_text(text)
+        old = os.readlink(sync / "current") if (sync / "current").is_symlink() else None
+        os.symlink(tree.name, sync / "current.tmp")
+        os.replace(sync / "current.tmp", sync / "current")
+        if old:
+            shutil.rmtree(sync / old)
+
+    publish(0)
+    daemon = started(dev, root=sync / "current")
+    for revision in range(1, 201):
+        publish(revision)
+        time.sleep(0.01)
+    wait_until(lambda: daemon.named("pass.completed")[-1].get("revision") == "rev-0200")
+    time.sleep(0.5)
+    jobs = by_name(dev)
+    for name in shared:
+        assert jobs[name] == ["New"], (name, jobs[name])
+    assert all(jobs[f"only-a-{i}"][-1] == "New" for i in range(3))
+    revisions = {e.get("revision") for e in daemon.named("pass.completed")}
+    assert len(revisions) > 2 and all(r and r.startswith("rev-") for r in revisions)
+
+
+def test_sigterm_mid_sync_then_restart_has_no_duplicates(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path
+) -> None:
+    dev = dev_factory("--latency", "0.02", "--job-duration", "600")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    for index in range(500):
+        (root / f"m-{index:03d}.yaml").write_text(envelope(f"m-{index:03d}"))
+    args = daemon_args(root, tmp_path / "state.db", dev.url, rsa_key)
+    env = {"RECONCILER_SHUTDOWN_DEADLINE": "3"}
+    first = DaemonProcess(args, env)
+    first.wait_event("job.submitted", 50, timeout=30)
+    signalled = time.monotonic()
+    first.signal(signal.SIGTERM)
+    assert first.stop(timeout=10) == 0
+    assert time.monotonic() - signalled < 3 + 2
+    assert first.named("daemon.stopped")
+    done_before = len(dev.jobs())
+    assert 50 <= done_before < 500
+
+    second = DaemonProcess(args, env)
+    try:
+        wait_until(lambda: len(dev.jobs()) >= 500, timeout=60)
+        second.wait_for(lambda: any(e.get("changes") == 0 for e in
+                                    second.named("pass.completed")), 30, "a quiet pass")
+    finally:
+        second.stop()
+    jobs = by_name(dev)
+    assert len(jobs) == 500 and all(states == ["New"] for states in jobs.values())
+
+
+def test_second_signal_exits_at_once_and_the_store_survives(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path
+) -> None:
+    dev = dev_factory("--latency", "0.5", "--job-duration", "600")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    for index in range(40):
+        (root / f"m-{index}.yaml").write_text(envelope(f"m-{index}"))
+    args = daemon_args(root, tmp_path / "state.db", dev.url, rsa_key)
+    first = DaemonProcess(args, {"RECONCILER_SHUTDOWN_DEADLINE": "30"})
+    first.wait_event("job.submitted", 1, timeout=30)
+    first.signal(signal.SIGTERM)
+    first.wait_event("daemon.stopping")
+    first.signal(signal.SIGTERM)
+    assert first.stop(timeout=5) == 128 + signal.SIGTERM
+    second = DaemonProcess(args)
+    try:
+        wait_until(lambda: len(by_name(dev)) == 40, timeout=60)
+        second.wait_for(lambda: any(e.get("changes") == 0 for e in
+                                    second.named("pass.completed")), 30, "a quiet pass")
+    finally:
+        second.stop()
+    assert all(states == ["New"] for states in by_name(dev).values())
+
+
+def test_sighup_reloads_the_config(tmp_path: Path, dev: DevProcess,
+                                   started: Callable[..., DaemonProcess]) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("mass_cancel_min = 3\n")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    daemon = started(dev, "--config", str(config))
+    config.write_text("mass_cancel_min = 7\nresync_interval = 30.0\n")
+    daemon.signal(signal.SIGHUP)
+    [reloaded] = daemon.wait_event("config.reloaded")
+    assert reloaded["changed"] == ["mass_cancel_min", "resync_interval"]
+    config.write_text("mass_cancel_min = 'many'\n")
+    daemon.signal(signal.SIGHUP)
+    [failed] = daemon.wait_event("config.reload_failed")
+    assert "mass_cancel_min" in failed["error"]
+    assert daemon.process.poll() is None  # the old configuration stays in force
+
+
+class NotifySocket:
+    """A unix datagram socket bound the way systemd binds NOTIFY_SOCKET."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+    def with_key(self, key: str) -> list[tuple[float, str]]:
+        return [(t, m) for t, m in self.messages if any(line.startswith(key + "=")
+                                                        for line in m.split("\n"))]
+
+
+@pytest.mark.parametrize("address", ["path", "@abstract"])
+def test_sd_notify_protocol(tmp_path: Path, dev: DevProcess,
+                            started: Callable[..., DaemonProcess], address: str) -> None:
+    notify = NotifySocket(str(tmp_path / "notify.sock") if address == "path"
+                          else f"@reconciler-test-{os.getpid()}-{time.monotonic_ns()}")
+    address_text = str(tmp_path / "notify.sock") if address == "path" else \
+        "@" + notify.sock.getsockname()[1:].decode()
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    try:
+        daemon = started(dev, env={"NOTIFY_SOCKET": address_text, "WATCHDOG_USEC": "400000"})
+        wait_until(lambda: notify.with_key("READY"))
+        ready = notify.with_key("READY")[0][1]
+        assert "STATUS=ready; 1 manifests" in ready
+        time.sleep(2.0)
+        pings = [t for t, _ in notify.with_key("WATCHDOG")]
+        assert 6 <= len(pings) <= 14, pings  # every 0.2 s
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: notify.with_key("RELOADING"))
+        reloading = notify.with_key("RELOADING")[0][1]
+        assert "MONOTONIC_USEC=" in reloading
+        wait_until(lambda: len(notify.with_key("READY")) >= 2)
+        (root / "b.yaml").write_text(envelope("b"))
+        wait_until(lambda: any("2 manifests" in m for _, m in notify.with_key("STATUS")))
+        assert daemon.stop() == 0
+        assert notify.with_key("STOPPING")
+    finally:
+        notify.close()
+
+
+def test_metrics_health_and_events(tmp_path: Path, dev: DevProcess,
+                                   started: Callable[..., DaemonProcess]) -> None:
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    (root / "bad.yaml").write_text("apiVersion: reconciler/v1\nkind: Job\n")
+    daemon = started(dev, "--metrics-listen", "127.0.0.1:0")
+    [listening] = daemon.wait_event("metrics.listening")
+    base = "http://" + listening["listen"]
+    assert httpx.get(base + "/healthz").status_code == 200
+    assert httpx.get(base + "/readyz").status_code == 200
+    text = httpx.get(base + "/metrics").text
+    assert 'reconciler_actions_total{action="submit",outcome="ok"} 1' in text
+    assert 'reconciler_jobs{phase="active"} 1' in text
+    assert "reconciler_held_manifests 0" in text  # bad.yaml never produced a job
+    assert 'reconciler_requests_total{operation="submit",status="200"} 1' in text
+    assert "reconciler_pass_duration_seconds_count" in text
+    assert httpx.post(base + "/sync").status_code == 202
+    daemon.wait_event("pass.completed", 2)
+    for event in daemon.events:
+        assert {"event", "level", "timestamp"} <= set(event)
+    [submitted] = daemon.named("job.submitted")
+    assert {"name", "job_id", "path", "reason", "uid", "revision"} <= set(submitted)
+    [invalid] = daemon.named("manifest.invalid")
+    assert invalid["path"] == "bad.yaml" and invalid["field"] == "metadata"
+    [completed] = daemon.named("pass.completed")[:1]
+    assert {"state", "duration_ms", "manifests", "held", "changes"} <= set(completed)
