@@ -172,7 +172,7 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
         with opened_store(settings, writer=False) as store:
             policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
             desired, the_plan = Reconciler(FolderSource(settings.manifests), store,
-                                           policy).plan()
+                                           policy).plan(policy)
         print_plan(the_plan, [str(e) for e in desired.errors])
         sys.exit(EXIT_OK)
     signer = signer_from(settings)

@@ -3,8 +3,11 @@
 One worker coroutine does all the work, one piece at a time, so passes and observations never
 interleave their writes to the store:
 
-* file events (from the watcher thread) mark the folder dirty; a pass runs after ``debounce``
-  seconds of quiet, and never later than ``max_delay`` after the first event of a burst;
+* file events (from the watcher thread) mark their path as changing; a pass runs as soon as a
+  changed path has been quiet for ``debounce`` seconds (or has kept changing for ``max_delay``).
+  Paths still changing go to the planner as *settling*, which defers their effects: a steady
+  stream of new files is picked up file by file, yet a save that deletes then recreates a file
+  never looks like a removal;
 * a full pass runs every ``resync_interval`` whatever events arrive (inotify loses events);
 * live jobs are observed every ``poll_interval``; a change found there is followed by a pass;
 * SIGHUP re-reads the configuration and runs a pass; SIGUSR1 (or ``POST /sync``) runs one now;
@@ -75,8 +78,8 @@ class Daemon:
         self._last_alive = self._started  # a completed pass, or progress inside one
         self._last_result: PassResult | None = None
         self._last_pass_ok = False
-        self._dirty_since: float | None = None
-        self._last_event = 0.0
+        #: path key -> (first, last) event time of changes not yet settled
+        self._pending: dict[str, tuple[float, float]] = {}
         self._stopping = False
         self._reload_requested = False
         self._sync_requested = False
@@ -93,8 +96,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._install_signals(loop)
-        def from_watcher_thread() -> None:
-            loop.call_soon_threadsafe(self._on_file_event)
+        def from_watcher_thread(key: str) -> None:
+            loop.call_soon_threadsafe(self._on_file_event, key)
 
         watcher = Watcher(self.settings.manifests, from_watcher_thread, self.settings.watch)
         watcher.start()
@@ -154,22 +157,28 @@ class Daemon:
             if self._sync_requested or self._reload_requested:
                 self._sync_requested = False
                 return _Work.PASS
-            if self._dirty_since is not None:
-                settled = now - self._last_event >= self.settings.debounce
-                overdue = now - self._dirty_since >= self.settings.max_delay
-                if settled or overdue:
-                    return _Work.PASS
+            if self._pending and now >= self._settle_deadline():
+                return _Work.PASS
             if now >= next_resync:
                 return _Work.PASS
             if now >= next_poll:
                 return _Work.POLL
-            await self._sleep_until(min(next_resync, next_poll, self._debounce_deadline()))
+            await self._sleep_until(min(next_resync, next_poll, self._settle_deadline()))
 
-    def _debounce_deadline(self) -> float:
-        if self._dirty_since is None:
-            return float("inf")
-        return min(self._last_event + self.settings.debounce,
-                   self._dirty_since + self.settings.max_delay)
+    def _settle_deadline(self) -> float:
+        """When the first pending path settles: quiet for ``debounce``, or changing for
+        ``max_delay`` already (a file rewritten nonstop is taken as it is then)."""
+        debounce, max_delay = self.settings.debounce, self.settings.max_delay
+        return min((min(last + debounce, first + max_delay)
+                    for first, last in self._pending.values()), default=float("inf"))
+
+    def _take_settling(self) -> frozenset[str]:
+        """Forget the settled paths; return those still changing, for the planner."""
+        now = time.monotonic()
+        debounce, max_delay = self.settings.debounce, self.settings.max_delay
+        self._pending = {key: (first, last) for key, (first, last) in self._pending.items()
+                         if now - last < debounce and now - first < max_delay}
+        return frozenset(self._pending)
 
     async def _sleep_until(self, deadline: float) -> None:
         self._wake.clear()
@@ -195,11 +204,12 @@ class Daemon:
 
     async def _guarded_pass(self) -> bool:
         """Run one pass; a failure is logged and reported, never the end of the loop."""
-        self._dirty_since = None
+        settling = self._take_settling()
         if self._watcher.ensure():
             self._log.info("watch.moved", manifests=str(self.settings.manifests))
         assert self._executor is not None
-        self._pass_task = asyncio.create_task(self._reconciler.run_pass(self._executor))
+        self._pass_task = asyncio.create_task(self._reconciler.run_pass(self._executor,
+                                                                         settling))
         try:
             result = await self._pass_task
         except asyncio.CancelledError:
@@ -308,11 +318,10 @@ class Daemon:
         self._sync_requested = True
         self._wake.set()
 
-    def _on_file_event(self) -> None:
+    def _on_file_event(self, key: str) -> None:
         now = time.monotonic()
-        if self._dirty_since is None:
-            self._dirty_since = now
-        self._last_event = now
+        first, _ = self._pending.get(key, (now, now))
+        self._pending[key] = (first, now)
         self._wake.set()
 
     def _alive(self) -> None:

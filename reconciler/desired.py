@@ -27,6 +27,15 @@ class Desired:
     broken: frozenset[str] = frozenset()
     errors: tuple[LoadError, ...] = ()
     file_count: int = 0
+    #: Paths that changed moments ago and are still settling ("sub/" covers a folder, ""
+    #: the whole tree): no effect is planned for them until they settle.
+    settling: frozenset[str] = frozenset()
+
+    def is_settling(self, path: str | None) -> bool:
+        return path is not None and any(
+            s == "" or s == path or (s.endswith("/") and path.startswith(s))
+            for s in self.settling
+        )
 
     def is_broken(self, path: str) -> bool:
         """Whether ``path`` is a broken file or lies below a broken directory."""

@@ -125,7 +125,8 @@ def plan(
         return _hold_everything(desired, records, not_ready)
     names = sorted(set(records) | set(desired.manifests) | set(desired.held))
     decisions = [
-        _decide(name, desired, records.get(name), policy, now) for name in names
+        _settled(_decide(name, desired, records.get(name), policy, now), desired)
+        for name in names
     ]
     decisions, guards = _guard_mass_cancel(decisions, records, policy)
     return Plan(tuple(decisions), guards, True, desired.revision)
@@ -160,6 +161,17 @@ def _decide(
     if desired.is_broken(record.path):
         return _held(name, record, f"{record.path} cannot be read or parsed")
     return _decide_removed(record)
+
+
+def _settled(decision: Decision, desired: Desired) -> Decision:
+    """Defer the effects of a file that changed moments ago (a save may still be under way)."""
+    if not decision.is_change or not desired.settling:
+        return decision
+    paths = (decision.path, decision.record.path if decision.record else None)
+    if not any(desired.is_settling(p) for p in paths):
+        return decision
+    return replace(decision, action=Action.WAIT,
+                   reason=f"{decision.reason}; waiting for the file to settle")
 
 
 def _held(name: str, record: Record | None, why: str) -> Decision:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -65,15 +65,18 @@ class Reconciler:
         self._log = structlog.get_logger("reconciler")
         self._reported: set[str] = set()
 
-    def plan(self, policy: PlanPolicy | None = None) -> tuple[Desired, Plan]:
+    def plan(
+        self, policy: PlanPolicy | None = None, settling: frozenset[str] = frozenset()
+    ) -> tuple[Desired, Plan]:
         """Read and plan, without side effects (works offline)."""
-        desired = collect(self.source.read())
+        desired = replace(collect(self.source.read()), settling=settling)
         return desired, plan(desired, self.store.records(), policy or self.policy, self._clock())
 
-    async def run_pass(self, executor: Executor | None, policy: PlanPolicy | None = None
-                       ) -> PassResult:
+    async def run_pass(
+        self, executor: Executor | None, settling: frozenset[str] = frozenset()
+    ) -> PassResult:
         started = time.perf_counter()
-        desired, the_plan = self.plan(policy)
+        desired, the_plan = self.plan(settling=settling)
         self._report_problems(desired, the_plan)
         report = await executor.apply(the_plan) if executor is not None else ApplyReport()
         result = PassResult(desired, the_plan, report, time.perf_counter() - started)
@@ -89,6 +92,8 @@ class Reconciler:
         """One event per problem when it first appears, not on every pass."""
         current: set[str] = set()
         for error in desired.errors:
+            if desired.is_settling(error.path):
+                continue  # most likely a save still being written
             key = f"invalid:{error}"
             current.add(key)
             if key not in self._reported:

@@ -56,10 +56,10 @@ class Settings(BaseSettings):
                                 "or a resubmitted job (doubles each attempt).")
     backoff_max: float = Field(600.0, gt=0, description="Cap of that delay.")
     # --- the daemon ----------------------------------------------------------------------
-    debounce: float = Field(0.15, ge=0, description="Quiet period after a file event before "
-                            "a pass runs.")
-    max_delay: float = Field(1.0, gt=0, description="A pass runs at most this long after the "
-                             "first event, however busy the folder.")
+    debounce: float = Field(0.15, ge=0, description="A changed file is acted on once it has "
+                            "been quiet this long.")
+    max_delay: float = Field(1.0, gt=0, description="A file that keeps changing is acted on "
+                             "this long after its first change anyway.")
     resync_interval: float = Field(60.0, gt=0, description="A full pass runs at least this "
                                    "often, events or not.")
     poll_interval: float = Field(10.0, gt=0, description="How often live jobs are listed to "

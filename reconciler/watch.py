@@ -39,6 +39,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from reconciler.manifest import wanted_file
+
 EVENT_FILTER = [
     FileCreatedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
     DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
@@ -48,36 +50,50 @@ POLL_FILTER = [*EVENT_FILTER, FileModifiedEvent]  # polling never reports a clos
 Placement = tuple[str, bool, tuple[int, int] | None]  # path, recursive, (dev, ino) of the path
 
 
+OnEvent = Callable[[str], None]
+WHOLE_TREE = ""
+
+
 class _Handler(FileSystemEventHandler):
-    def __init__(self, on_event: Callable[[], None]) -> None:
-        self._on_event = on_event
+    """Turns an event into the manifest-relative keys it touches; O(1) per event, because
+    the observer's single thread must never wait on us."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        self._on_event()  # O(1): the observer's single thread must never wait on us
+        for path in (event.src_path, event.dest_path):
+            if path:
+                key = self._watcher.key_of(os.fsdecode(path), event.is_directory)
+                if key is not None:
+                    self._watcher.on_event(key)
 
 
 class _OverflowHook(logging.Filter):
-    """watchdog logs a lost-events warning on inotify overflow; treat it as 'rescan'."""
+    """watchdog logs a lost-events warning on inotify overflow; treat it as 'rescan all'."""
 
-    def __init__(self, on_event: Callable[[], None]) -> None:
+    def __init__(self, on_event: OnEvent) -> None:
         super().__init__()
         self._on_event = on_event
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "overflow" in record.getMessage().lower():
-            self._on_event()
+            self._on_event(WHOLE_TREE)
         return True
 
 
 class Watcher:
-    def __init__(self, root: Path, on_event: Callable[[], None],
+    def __init__(self, root: Path, on_event: OnEvent,
                  mode: Literal["inotify", "poll"] = "inotify") -> None:
         self.root = root
-        self._on_event = on_event
+        #: Called on the observer's thread with a manifest-relative path ("sub/" for a
+        #: folder, "" for the whole tree).
+        self.on_event = on_event
         self._mode = mode
         self._observer: BaseObserver = PollingObserver(timeout=0.5) if mode == "poll" \
             else Observer()
-        self._handler = _Handler(on_event)
+        self._handler = _Handler(self)
+        self._base = str(root.absolute())
         self._watches: dict[Placement, ObservedWatch] = {}
         self._overflow = _OverflowHook(on_event)
 
@@ -91,8 +107,20 @@ class Watcher:
         self._observer.stop()
         self._observer.join(timeout=5)
 
+    def key_of(self, path: str, is_directory: bool) -> str | None:
+        """The key an event path stands for, or None for files that are not manifests."""
+        base = self._base
+        if not path.startswith(base + os.sep):
+            return WHOLE_TREE  # the folder itself, or its parent (a symlink swap)
+        relative = path[len(base) + 1 :]
+        if is_directory:
+            return relative + "/"
+        return relative if wanted_file(os.path.basename(relative)) else None
+
     def ensure(self) -> bool:
         """Move the watches where they belong now; True when something moved."""
+        root = self.root.absolute()
+        self._base = str(root.resolve() if root.is_symlink() else root)
         wanted = set(self._placements())
         current = set(self._watches)
         for placement in current - wanted:

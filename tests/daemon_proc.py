@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,10 +35,8 @@ class DaemonProcess:
             with self._lock:
                 self.raw.append(line)
                 if line.startswith("{"):
-                    try:
+                    with contextlib.suppress(ValueError):
                         self.events.append(json.loads(line))
-                    except ValueError:
-                        pass
 
     def named(self, name: str) -> list[Event]:
         with self._lock:

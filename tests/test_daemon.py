@@ -88,6 +88,38 @@ def test_drop_edit_save_break_delete(tmp_path: Path, dev: DevProcess,
     assert Counter(submitted) == {"keep": 1, "a": 2}
 
 
+def test_delete_then_recreate_save_cancels_nothing(
+    tmp_path: Path, dev: DevProcess, started: Callable[..., DaemonProcess]
+) -> None:
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    daemon = started(dev)
+    stop = threading.Event()
+
+    def other_files() -> None:  # other files settle all the time, so passes keep running
+        index = 0
+        while not stop.is_set():
+            (root / f"other-{index}.yaml").write_text(envelope(f"other-{index}"))
+            index += 1
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=other_files)
+    writer.start()
+    try:
+        for _ in range(5):  # an editor that saves by unlink + create, not by rename
+            (root / "a.yaml").unlink()
+            time.sleep(0.12)
+            (root / "a.yaml").write_text(envelope("a"))
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        writer.join()
+    daemon.wait_for(lambda: len(daemon.named("pass.completed")) >= 10, what="more passes")
+    assert by_name(dev)["a"] == ["New"]
+    assert not daemon.named("job.cancelled")
+
+
 def test_burst_of_1000_files(tmp_path: Path, dev_factory: Callable[..., DevProcess],
                              started: Callable[..., DaemonProcess]) -> None:
     dev = dev_factory("--job-duration", "600")

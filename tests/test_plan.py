@@ -147,3 +147,14 @@ def test_backoff_is_kept_per_spec_hash() -> None:
     assert plan(same, failed, PlanPolicy(), 50).decisions[0].action is Action.WAIT
     assert plan(same, failed, PlanPolicy(), 150).decisions[0].action is Action.RESUBMIT
     assert plan(changed, failed, PlanPolicy(), 50).decisions[0].action is Action.SUBMIT
+
+
+def test_settling_paths_defer_every_effect() -> None:
+    records = [Record("a", Phase.ACTIVE, HASHES[0], "a.yaml", job_id="j"),
+               Record("b", Phase.ACTIVE, HASHES[0], "sub/b.yaml", job_id="k")]
+    desired = Desired(True, manifests={"c": manifest("c", HASHES[0], "c.yaml")}, file_count=1,
+                      settling=frozenset({"a.yaml", "sub/"}))
+    actions = {d.name: d.action for d in plan(desired, records, PlanPolicy(), 0).decisions}
+    assert actions == {"a": Action.WAIT, "b": Action.WAIT, "c": Action.SUBMIT}
+    everything = Desired(True, file_count=1, settling=frozenset({""}))
+    assert plan(everything, records, PlanPolicy(), 0).changes == ()

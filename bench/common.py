@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmarks: real processes on loopback, a key, a table printer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from reconciler.signing import write_new_key
+
+
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="reconciler-bench-"))
+
+
+def key(directory: Path, key_type: str = "rsa") -> Path:
+    path = directory / f"{key_type}.pem"
+    write_new_key(path, "rsa" if key_type == "rsa" else "ed25519")
+    return path
+
+
+def start_requester(directory: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = directory / f"port-{time.monotonic_ns()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "--log-level", "warning", "dev-requester",
+         "--port", "0", "--port-file", str(port_file), "--job-duration", "3600", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not port_file.exists():
+        time.sleep(0.01)
+    return process, f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+
+def start_daemon(directory: Path, root: Path, url: str, key_path: Path,
+                 **env: str) -> subprocess.Popen[bytes]:
+    environment = {**os.environ, **{f"RECONCILER_{k.upper()}": v for k, v in env.items()}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "--log-level", "warning", "run", "--manifests",
+         str(root), "--state", str(directory / "state.db"), "--endpoint", url, "--key",
+         str(key_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+
+
+def jobs(url: str) -> list[dict[str, object]]:
+    reply = httpx.post(url + "/api/v1/requester/list", json={"return_all": True}, timeout=60)
+    return list(reply.json()["jobs"])
+
+
+def created_at(job: dict[str, object]) -> float:
+    text = job["Job"]["Metadata"]["CreatedAt"]  # type: ignore[index]
+    return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=__import__("datetime").UTC).timestamp()
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
