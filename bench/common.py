@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -52,13 +52,12 @@ def jobs(url: str) -> list[dict[str, object]]:
 
 def created_at(job: dict[str, object]) -> float:
     text = job["Job"]["Metadata"]["CreatedAt"]  # type: ignore[index]
-    return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=__import__("datetime").UTC).timestamp()
+    return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
