@@ -181,10 +181,17 @@ def test_states_of_unknown_job(dev: DevProcess, signer: Signer) -> None:
 
 
 def test_429_and_503_are_retried(dev_factory: Callable[..., DevProcess], signer: Signer) -> None:
-    dev = dev_factory("--error-rate", "0.5", "--seed", "7", "--job-duration", "30")
-    jobs = run(lambda c: asyncio.gather(*(c.list_jobs() for _ in range(20))), dev.url, signer)
-    assert len(jobs) == 20
-    assert dev.stats()["faults"] > 0
+    dev = dev_factory("--error-rate", "0.4", "--seed", "1", "--job-duration", "30")
+
+    async def sequential(client: ApiClient) -> list[object]:
+        # One request at a time, so the seeded fault sequence (and this test) is deterministic;
+        # seed 1 never faults more than 3 times in a row over these draws.
+        return [await client.list_jobs() for _ in range(20)]
+
+    assert len(run(sequential, dev.url, signer)) == 20
+    stats = dev.stats()
+    assert stats["faults"] >= 5
+    assert stats["/requester/list"] == 20 + stats["faults"]  # every fault was retried
 
 
 def test_retries_are_bounded(dev_factory: Callable[..., DevProcess], signer: Signer) -> None:

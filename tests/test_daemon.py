@@ -335,3 +335,41 @@ def test_metrics_health_and_events(tmp_path: Path, dev: DevProcess,
     assert invalid["path"] == "bad.yaml" and invalid["field"] == "metadata"
     [completed] = daemon.named("pass.completed")[:1]
     assert {"state", "duration_ms", "manifests", "held", "changes"} <= set(completed)
+
+
+def test_requester_down_then_back(tmp_path: Path, dev_factory: Callable[..., DevProcess],
+                                  started: Callable[..., DaemonProcess]) -> None:
+    dev = dev_factory("--job-duration", "600")
+    port = dev.url.rsplit(":", 1)[1]
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    daemon = started(dev, env={"RECONCILER_BACKOFF_BASE": "0.3", "RECONCILER_POLL_INTERVAL": "0.5",
+                               "RECONCILER_REQUEST_TIMEOUT": "2"})
+    wait_until(lambda: by_name(dev).get("a") == ["New"])
+    dev.stop()
+    (root / "b.yaml").write_text(envelope("b"))
+    failed = daemon.wait_event("action.failed")
+    assert failed[0]["name"] == "b" and failed[0]["action"] == "submit"
+    daemon.wait_for(lambda: any(e["state"] == "degraded" for e in daemon.named("pass.completed")),
+                    what="a degraded pass")
+    back = dev_factory("--port", port, "--job-duration", "600")  # empty: memory-only store
+    wait_until(lambda: by_name(back).get("b") == ["New"], timeout=20)
+    [lost] = daemon.wait_event("job.lost")
+    assert lost["name"] == "a"
+    time.sleep(1.0)
+    assert "a" not in by_name(back)  # lost, and onFailure=none: not blindly resubmitted
+    assert not daemon.named("job.cancelled")
+    assert daemon.process.poll() is None
+
+
+def test_poll_mode_sees_changes(tmp_path: Path, dev: DevProcess,
+                                started: Callable[..., DaemonProcess]) -> None:
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    started(dev, "--watch", "poll")
+    (root / "b.yaml").write_text(envelope("b"))
+    wait_until(lambda: by_name(dev).get("b") == ["New"], timeout=3)
+    (root / "a.yaml").unlink()
+    wait_until(lambda: by_name(dev).get("a") == ["Cancelled"], timeout=3)
