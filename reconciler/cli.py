@@ -17,6 +17,7 @@ from reconciler import events
 from reconciler.apply import ApplyReport, Executor
 from reconciler.client import ApiClient, RequesterError
 from reconciler.desired import collect
+from reconciler.gitsource import GitError, GitSource
 from reconciler.observe import observe
 from reconciler.plan import SYMBOLS, Action, Plan
 from reconciler.reconcile import PassResult, Reconciler
@@ -45,6 +46,24 @@ def main(log_format: events.LogFormat, log_level: str) -> None:
     events.configure(log_format, log_level)
 
 
+class Duration(click.ParamType[float]):
+    """Seconds, written ``30``, ``30s``, ``5m`` or ``1h``."""
+
+    name = "duration"
+    _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        try:
+            return float(text[:-1]) * unit if unit else float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 30s, 5m)", param, ctx)
+
+
 def common_options(command: F) -> F:
     """Options every reconciling command shares; each is also a setting (RECONCILER_*)."""
     options = [
@@ -55,6 +74,11 @@ def common_options(command: F) -> F:
         click.option("--endpoint", help="Requester base URL [default: http://127.0.0.1:1234]."),
         click.option("--key", type=click.Path(path_type=Path), help="Signing key file."),
         click.option("--state", type=click.Path(path_type=Path), help="State database."),
+        click.option("--git-url", help="Follow this git repository instead of a folder."),
+        click.option("--git-ref", help="Branch or tag to follow [default: main]."),
+        click.option("--git-path", help="Folder of manifests inside the repository."),
+        click.option("--git-interval", type=Duration(),
+                     help="Time between fetches, e.g. 30s [default: 30s]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -113,7 +137,7 @@ def plan_command(config: Path | None, as_json: bool, show_all: bool, **flags: An
     """Show what apply would do and why. Offline. Exit 0 no changes, 2 changes, 1 error."""
     settings = settings_from(config, **flags)
     with opened_store(settings, writer=False) as store:
-        reconciler = Reconciler(FolderSource(settings.manifests), store, settings.plan_policy())
+        reconciler = Reconciler(settings.source(), store, settings.plan_policy())
         desired, the_plan = reconciler.plan()
     errors = [str(e) for e in desired.errors]
     if as_json:
@@ -171,8 +195,7 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
     if dry_run:
         with opened_store(settings, writer=False) as store:
             policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
-            desired, the_plan = Reconciler(FolderSource(settings.manifests), store,
-                                           policy).plan(policy)
+            desired, the_plan = Reconciler(settings.source(), store, policy).plan(policy)
         print_plan(the_plan, [str(e) for e in desired.errors])
         sys.exit(EXIT_OK)
     signer = signer_from(settings)
@@ -190,7 +213,13 @@ async def apply_until_settled(
 ) -> PassResult:
     """Passes until a plan has no changes (a replace or resolve can take two passes)."""
     policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
-    reconciler = Reconciler(FolderSource(settings.manifests), store, policy)
+    source = settings.source()
+    if isinstance(source, GitSource):
+        try:
+            await asyncio.to_thread(source.fetch)
+        except GitError as exc:  # the pass below then reports the source not ready
+            structlog.get_logger("reconciler").error("git.fetch_failed", error=str(exc))
+    reconciler = Reconciler(source, store, policy)
     async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
                          timeout=settings.request_timeout) as client:
         executor = Executor(store, client, policy, concurrency=settings.concurrency,
@@ -227,7 +256,7 @@ def status(config: Path | None, as_json: bool, **flags: Any) -> None:
     """One row per managed name, and the overall state (ready / degraded / not ready)."""
     settings = settings_from(config, **flags)
     with opened_store(settings, writer=False) as store:
-        reconciler = Reconciler(FolderSource(settings.manifests), store, settings.plan_policy())
+        reconciler = Reconciler(settings.source(), store, settings.plan_policy())
         desired, the_plan = reconciler.plan()
         records = store.records()
     overall = PassResult(desired, the_plan).overall
@@ -272,6 +301,8 @@ def run(config: Path | None, dev: bool, **flags: Any) -> None:
     from reconciler.daemon import Daemon
 
     settings = settings_from(config, **flags)
+    if settings.log_format != "auto":
+        events.configure(settings.log_format)
     dev_overrides: dict[str, Any] = {}
     requester = None
     if dev:

@@ -10,7 +10,9 @@ interleave their writes to the store:
   never looks like a removal;
 * a full pass runs every ``resync_interval`` whatever events arrive (inotify loses events);
 * live jobs are observed every ``poll_interval``; a change found there is followed by a pass;
-* SIGHUP re-reads the configuration and runs a pass; SIGUSR1 (or ``POST /sync``) runs one now;
+* SIGHUP re-reads the configuration and runs a pass; SIGUSR1 (or ``POST /sync``) runs one now
+  (with a git source: fetches now); a git source is fetched every ``git_interval`` seconds,
+  with backoff after failures, and a new commit is followed by a pass;
 * SIGTERM/SIGINT: no new actions (not-started intents are given back), in-flight requests get
   ``shutdown_deadline`` seconds, then they are cancelled; exit 0. A second signal exits at once:
   SQLite's journal keeps the store whole either way.
@@ -35,6 +37,8 @@ import structlog
 
 from reconciler.apply import Executor
 from reconciler.client import ApiClient, RequesterError
+from reconciler.events import scrub_text
+from reconciler.gitsource import GitError, GitSource
 from reconciler.metrics import HealthServer, standard_metrics
 from reconciler.notify import Notifier
 from reconciler.observe import observe
@@ -42,7 +46,6 @@ from reconciler.plan import PlanPolicy
 from reconciler.reconcile import PassResult, Reconciler
 from reconciler.settings import Settings, SettingsError
 from reconciler.signing import Signer
-from reconciler.source import FolderSource
 from reconciler.state import Store, StoreError
 from reconciler.watch import Watcher
 
@@ -51,6 +54,7 @@ _SETTLE_AFTER_CHANGES = 1.0
 
 
 class _Work(Enum):
+    FETCH = "fetch"
     PASS = "pass"
     POLL = "poll"
     STOP = "stop"
@@ -73,7 +77,11 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._metrics = standard_metrics()
         self._log = structlog.get_logger("reconciler")
-        self._reconciler = Reconciler(FolderSource(settings.manifests), store, self._policy())
+        self._source = settings.source()
+        self._git = self._source if isinstance(self._source, GitSource) else None
+        self._reconciler = Reconciler(self._source, store, self._policy())
+        self._fetch_failures = 0
+        self._fetch_requested = False
         self._started = time.monotonic()
         self._last_alive = self._started  # a completed pass, or progress inside one
         self._last_result: PassResult | None = None
@@ -99,12 +107,15 @@ class Daemon:
         def from_watcher_thread(key: str) -> None:
             loop.call_soon_threadsafe(self._on_file_event, key)
 
-        watcher = Watcher(self.settings.manifests, from_watcher_thread, self.settings.watch)
-        watcher.start()
+        # A git source publishes immutable snapshots after its own fetches: nothing to watch.
+        watcher = None if self._git else Watcher(self.settings.manifests, from_watcher_thread,
+                                                 self.settings.watch)
+        if watcher is not None:
+            watcher.start()
         self._watcher = watcher
         server = await self._start_health_server()
         pinger = self._start_watchdog()
-        self._log.info("daemon.started", manifests=str(self.settings.manifests),
+        self._log.info("daemon.started", manifests=self._describe_source(),
                        endpoint=self.settings.endpoint, client_id=self._signer.client_id,
                        state=str(self._store.path), watch=self.settings.watch, pid=os.getpid())
         try:
@@ -120,7 +131,8 @@ class Daemon:
             self._notifier.stopping()
             if pinger is not None:
                 pinger.cancel()
-            watcher.stop()
+            if watcher is not None:
+                watcher.stop()
             if server is not None:
                 await server.stop()
             self._log.info("daemon.stopped")
@@ -134,15 +146,23 @@ class Daemon:
         executor.on_progress = lambda done, total: self._alive()
         return executor
 
+    def _describe_source(self) -> str:
+        if self._git is not None:
+            return f"{scrub_text(self._git.url)} ref {self._git.ref} path /{self._git.path}"
+        return str(self.settings.manifests)
+
     async def _work_loop(self) -> None:
         next_resync = time.monotonic()  # the first pass runs at once
         next_poll = next_resync + self.settings.poll_interval
+        self._next_fetch = next_resync if self._git else float("inf")
         while True:
             work = await self._next_work(next_resync, next_poll)
             if work is _Work.STOP:
                 return
             if self._reload_requested:
                 self._apply_reload()
+            if work is _Work.FETCH and not await self._fetch():
+                continue
             if work is _Work.POLL:
                 next_poll = time.monotonic() + self.settings.poll_interval
                 if not await self._observe():
@@ -154,6 +174,9 @@ class Daemon:
             now = time.monotonic()
             if self._stopping:
                 return _Work.STOP
+            if self._fetch_requested or (self._git and now >= self._next_fetch):
+                self._fetch_requested = False
+                return _Work.FETCH
             if self._sync_requested or self._reload_requested:
                 self._sync_requested = False
                 return _Work.PASS
@@ -163,7 +186,8 @@ class Daemon:
                 return _Work.PASS
             if now >= next_poll:
                 return _Work.POLL
-            await self._sleep_until(min(next_resync, next_poll, self._settle_deadline()))
+            await self._sleep_until(min(next_resync, next_poll, self._next_fetch,
+                                        self._settle_deadline()))
 
     def _settle_deadline(self) -> float:
         """When the first pending path settles: quiet for ``debounce``, or changing for
@@ -205,7 +229,7 @@ class Daemon:
     async def _guarded_pass(self) -> bool:
         """Run one pass; a failure is logged and reported, never the end of the loop."""
         settling = self._take_settling()
-        if self._watcher.ensure():
+        if self._watcher is not None and self._watcher.ensure():
             self._log.info("watch.moved", manifests=str(self.settings.manifests))
         assert self._executor is not None
         self._pass_task = asyncio.create_task(self._reconciler.run_pass(self._executor,
@@ -247,6 +271,28 @@ class Daemon:
             self._notifier.ready(result.summary())
         else:
             self._notifier.status(result.summary())
+
+    async def _fetch(self) -> bool:
+        """Fetch the repository; True when a pass should follow (new commit, or a failure
+        that the status must show)."""
+        assert self._git is not None
+        interval = self.settings.git_interval
+        try:
+            result = await asyncio.to_thread(self._git.fetch)
+        except GitError as exc:
+            self._fetch_failures += 1
+            retry = min(interval * 10, interval * 2 ** (self._fetch_failures - 1))
+            self._next_fetch = time.monotonic() + retry
+            self._log.error("git.fetch_failed", error=str(exc), retry_in_s=retry,
+                            revision=self._git.commit(),
+                            reason="source not ready: nothing is cancelled; last good "
+                                   "snapshot kept")
+            return self._fetch_failures == 1
+        was_failing, self._fetch_failures = self._fetch_failures > 0, 0
+        self._next_fetch = time.monotonic() + interval
+        if result.changed:
+            self._log.info("git.fetched", revision=result.commit, ref=self._git.ref)
+        return result.changed or was_failing
 
     async def _observe(self) -> bool:
         """Refresh live jobs; True when something changed that a pass should act on."""
@@ -315,7 +361,11 @@ class Daemon:
         self._wake.set()
 
     def request_sync(self) -> None:
-        self._sync_requested = True
+        """SIGUSR1 or POST /sync: fetch now (git), or run a pass now (folder)."""
+        if self._git is not None:
+            self._fetch_requested = True
+        else:
+            self._sync_requested = True
         self._wake.set()
 
     def _on_file_event(self, key: str) -> None:

@@ -12,6 +12,7 @@ credentials embedded in URLs, wherever they appear.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -47,6 +48,31 @@ class Redact:
         return event_dict
 
 
+_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+
+
+class SyslogPrefixed:
+    """Renderer wrapper: ``<N>`` before each line, so journald files it at the right priority
+    (``SyslogLevelPrefix=`` is on by default, and journald strips the prefix)."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: object, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        priority = _PRIORITY.get(str(event_dict.get("level", "info")), 6)
+        return f"<{priority}>{self._renderer(logger, method, event_dict)}"
+
+
+def to_journal(stream: TextIO) -> bool:
+    """True when ``stream`` is journald's stdout/stderr stream ($JOURNAL_STREAM = dev:ino)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
 def configure(
     fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
 ) -> None:
@@ -58,6 +84,8 @@ def configure(
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    if to_journal(out):
+        renderer = SyslogPrefixed(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

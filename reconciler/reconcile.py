@@ -15,7 +15,7 @@ import structlog
 from reconciler.apply import ApplyReport, Executor
 from reconciler.desired import Desired, collect
 from reconciler.plan import Action, Plan, PlanPolicy, plan
-from reconciler.source import FolderSource
+from reconciler.source import Source
 from reconciler.state import Store
 
 
@@ -52,7 +52,7 @@ class PassResult:
 class Reconciler:
     def __init__(
         self,
-        source: FolderSource,
+        source: Source,
         store: Store,
         policy: PlanPolicy,
         *,

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reconciler.plan import PlanPolicy
+from reconciler.source import FolderSource, Source
 from reconciler.state import default_path
 
 DEFAULT_CONFIG = Path("/etc/reconciler/config.toml")
@@ -38,6 +39,13 @@ class Settings(BaseSettings):
                              "$CREDENTIALS_DIRECTORY/signing-key, then ~/.bacalhau/user_id.pem.")
     state: Path | None = Field(None, description="State database. Default: "
                                "$STATE_DIRECTORY/state.db, else ~/.local/state/reconciler.")
+    # --- a git repository as the source (instead of a folder) ---------------------------
+    git_url: str | None = Field(None, description="Follow this repository: fetched into the "
+                                "state directory, reconciled from immutable snapshots.")
+    git_ref: str = Field("main", description="Branch or tag to follow.")
+    git_path: str = Field("", description="Folder of manifests inside the repository.")
+    git_interval: float = Field(30.0, gt=0, description="Seconds between fetches (SIGUSR1 or "
+                                "POST /sync fetch at once); failures back off up to 10x.")
     # --- how careful to be -----------------------------------------------------------------
     allow_empty: bool = Field(False, description="Treat an empty folder as 'cancel everything' "
                               "instead of 'not ready'.")
@@ -84,6 +92,15 @@ class Settings(BaseSettings):
 
     def state_path(self) -> Path:
         return self.state or default_path()
+
+    def source(self) -> Source:
+        """The folder, or (with ``git_url``) the git snapshots kept beside the state."""
+        if self.git_url:
+            from reconciler.gitsource import GitSource
+
+            workdir = self.state_path().parent / "git"
+            return GitSource(self.git_url, self.git_ref, self.git_path, workdir)
+        return FolderSource(self.manifests)
 
     def key_path(self) -> Path:
         """The first that exists of: --key, the systemd credential, the Bacalhau CLI key."""

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from reconciler.manifest import MAX_FILE_BYTES, FileResult, LoadError, load_file, wanted_file
 
@@ -40,6 +41,12 @@ class Snapshot:
     files: Mapping[str, FileResult] = field(default_factory=dict)
     #: Subdirectories (relative, with a trailing "/") that could not be listed.
     broken_dirs: tuple[str, ...] = ()
+
+
+class Source(Protocol):
+    """Anything a pass can read a snapshot from: a folder, or a git repository's snapshots."""
+
+    def read(self) -> Snapshot: ...
 
 
 class _Moved(Exception):
