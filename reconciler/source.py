@@ -4,11 +4,11 @@ A folder that is missing, not a directory or unreadable is *not ready*: never "z
 (anchors P1, P14). A subdirectory or file that cannot be read is reported as broken, so the
 jobs it produced are held rather than cancelled.
 
-When the folder is a symlink that an external syncer swaps (git-sync and friends), the link is
-resolved once, the tree is read through a directory fd pinned to that target, and the link is
-read again afterwards; if it moved, the read starts over (ops.md 3.3). A file or directory that
-vanishes mid-read also restarts the read, so a listing is never silently incomplete. The link
-target's name is the snapshot's revision.
+When the folder is, or lies below, a symlink that an external syncer swaps (git-sync and
+friends), the link is resolved once, the tree is read through a directory fd pinned to that
+target, and the link is read again afterwards; if it moved, the read starts over (ops.md 3.3).
+A file or directory that vanishes mid-read also restarts the read, so a listing is never
+silently incomplete. The link target's name is the snapshot's revision.
 
 Files are parsed only when their (size, mtime, ctime, inode) changed since the last read, so a
 pass over an unchanged tree costs one ``stat`` per file.
@@ -69,13 +69,17 @@ class FolderSource:
         return Snapshot(False, f"{self.root}: kept changing while being read; will retry")
 
     def _read_once(self) -> Snapshot:
-        link = _read_link(self.root)
-        target = self.root.parent / link if link is not None else self.root
-        revision = os.path.basename(os.path.normpath(link)) if link is not None else None
+        link_path, rest = split_at_link(self.root)
+        link = _read_link(link_path) if link_path is not None else None
+        if link_path is not None and link is not None:
+            target = link_path.parent / link / rest
+            revision: str | None = os.path.basename(os.path.normpath(link))
+        else:
+            target, revision = self.root, None
         try:
             dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
-            if link is not None and _read_link(self.root) != link:
+            if link_path is not None and _read_link(link_path) != link:
                 raise _Moved from None
             return Snapshot(False, f"{self.root}: manifests folder does not exist")
         except NotADirectoryError:
@@ -89,12 +93,23 @@ class FolderSource:
             return Snapshot(False, f"{self.root}: cannot list ({exc.strerror})")
         finally:
             os.close(dfd)
-        if link is not None and _read_link(self.root) != link:
-            raise _Moved
+        if link_path is not None and _read_link(link_path) != link:
+            raise _Moved  # swapped while we read: the listing may mix two revisions
         self._cache = walk.seen
         files = {path: result for path, (_, result) in walk.seen.items()}
         files.update(walk.failed)
         return Snapshot(True, "", revision, files, tuple(walk.broken_dirs))
+
+
+def split_at_link(root: Path) -> tuple[Path | None, Path]:
+    """The deepest symlink on the way to ``root`` (the one a syncer swaps) and the path below
+    it: ``/srv/git/current/jobs`` with ``current`` a link gives (``/srv/git/current``, ``jobs``)."""
+    path = root.absolute()
+    for depth in range(len(path.parts), 1, -1):
+        candidate = Path(*path.parts[:depth])
+        if candidate.is_symlink():
+            return candidate, Path(*path.parts[depth:]) if depth < len(path.parts) else Path()
+    return None, Path()
 
 
 def _read_link(path: Path) -> str | None:

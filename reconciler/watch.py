@@ -40,6 +40,7 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from reconciler.manifest import wanted_file
+from reconciler.source import split_at_link
 
 EVENT_FILTER = [
     FileCreatedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
@@ -120,7 +121,7 @@ class Watcher:
     def ensure(self) -> bool:
         """Move the watches where they belong now; True when something moved."""
         root = self.root.absolute()
-        self._base = str(root.resolve() if root.is_symlink() else root)
+        self._base = str(root.resolve() if split_at_link(root)[0] else root)
         wanted = set(self._placements())
         current = set(self._watches)
         for placement in current - wanted:
@@ -138,8 +139,9 @@ class Watcher:
 
     def _placements(self) -> list[Placement]:
         root = self.root.absolute()
-        if root.is_symlink():
-            placements = [_placement(root.parent, recursive=False)]
+        link, _ = split_at_link(root)
+        if link is not None:
+            placements = [_placement(link.parent, recursive=False)]
             target = root.resolve()
             if target.is_dir():
                 placements.append(_placement(target, recursive=True))

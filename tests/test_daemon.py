@@ -137,8 +137,10 @@ def test_burst_of_1000_files(tmp_path: Path, dev_factory: Callable[..., DevProce
     assert len(daemon.named("job.submitted")) == 1001
 
 
+@pytest.mark.parametrize("below", ["", "jobs"], ids=["link-is-folder", "folder-below-link"])
 def test_symlink_swaps_never_cancel_shared_jobs(tmp_path: Path, dev: DevProcess,
-                                                started: Callable[..., DaemonProcess]) -> None:
+                                                started: Callable[..., DaemonProcess],
+                                                below: str) -> None:
     shared = {f"shared-{i}": envelope(f"shared-{i}") for i in range(17)}
     trees = [shared | {f"only-a-{i}": envelope(f"only-a-{i}") for i in range(3)},
              shared | {f"only-b-{i}": envelope(f"only-b-{i}") for i in range(3)}]
@@ -148,9 +150,9 @@ def test_symlink_swaps_never_cancel_shared_jobs(tmp_path: Path, dev: DevProcess,
     def publish(revision: int) -> None:
         """git-sync's way: a new worktree, a new link renamed over the old, old tree deleted."""
         tree = sync / f"rev-{revision:04d}"
-        tree.mkdir()
+        (tree / below).mkdir(parents=True)
         for name, text in trees[revision % 2].items():
-            (tree / f"{name}.yaml").write_text(text)
+            (tree / below / f"{name}.yaml").write_text(text)
         old = os.readlink(sync / "current") if (sync / "current").is_symlink() else None
         os.symlink(tree.name, sync / "current.tmp")
         os.replace(sync / "current.tmp", sync / "current")
@@ -158,7 +160,7 @@ def test_symlink_swaps_never_cancel_shared_jobs(tmp_path: Path, dev: DevProcess,
             shutil.rmtree(sync / old)
 
     publish(0)
-    daemon = started(dev, root=sync / "current")
+    daemon = started(dev, root=sync / "current" / below if below else sync / "current")
     for revision in range(1, 201):
         publish(revision)
         time.sleep(0.01)
