@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,8 +17,16 @@ import structlog
 
 from reconciler import events
 from reconciler.apply import ApplyReport, Executor
-from reconciler.client import ApiClient, RequesterError
+from reconciler.client import (
+    ApiClient,
+    NoExecutions,
+    NotAuthorized,
+    RequesterError,
+    RetryPolicy,
+    Unreachable,
+)
 from reconciler.desired import collect
+from reconciler.events import scrub_text
 from reconciler.gitsource import GitError, GitSource
 from reconciler.observe import observe
 from reconciler.plan import SYMBOLS, Action, Plan
@@ -252,9 +262,13 @@ def _progress_line(done: int, total: int) -> None:
 @main.command()
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
-def status(config: Path | None, as_json: bool, **flags: Any) -> None:
+@click.option("--approvals", is_flag=True, help="List approval requests (pending first).")
+def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) -> None:
     """One row per managed name, and the overall state (ready / degraded / not ready)."""
     settings = settings_from(config, **flags)
+    if approvals:
+        _print_approvals(settings, as_json)
+        return
     with opened_store(settings, writer=False) as store:
         reconciler = Reconciler(settings.source(), store, settings.plan_policy())
         desired, the_plan = reconciler.plan()
@@ -294,6 +308,7 @@ def status(config: Path | None, as_json: bool, **flags: Any) -> None:
 @click.option("--watch", type=click.Choice(["inotify", "poll"]),
               help="How to notice changes [default: inotify; poll for NFS and the like].")
 @click.option("--metrics-listen", help="host:port for /metrics, /healthz, /readyz, /sync.")
+@click.option("--probe-listen", help="host:port of the job-selection probe (POST /probe).")
 @click.option("--dev", is_flag=True, help="Start an embedded dev requester with a temporary "
               "key and state, and reconcile against it.")
 def run(config: Path | None, dev: bool, **flags: Any) -> None:
@@ -341,6 +356,95 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
                        "api_prefix": "/api/v1"}
 
 
+# --- approvals ------------------------------------------------------------------------------
+
+
+@main.command()
+@common_options
+@click.argument("job_id")
+@click.option("--node", help="Compute node base URL [default: the callback of the recorded "
+              "pending approval].")
+@click.option("--reject", is_flag=True, help="Refuse the job instead of approving it.")
+@click.option("--reason", default="", help="Reason sent to the node.")
+def approve(config: Path | None, job_id: str, node: str | None, reject: bool, reason: str,
+            **flags: Any) -> None:
+    """Approve (or --reject) a job waiting on a compute node, with a signed request."""
+    settings = settings_from(config, **flags)
+    signer = signer_from(settings)
+    url = _approve_url(settings, job_id, node)
+    verdict = "rejected" if reject else "approved"
+    reason = reason or f"{verdict} by an operator"
+    asyncio.run(_send_approval(settings, signer, url, job_id, not reject, reason))
+    _record_decision(settings, job_id, verdict, reason)
+    structlog.get_logger("reconciler").info("approval.sent", job_id=job_id, decision=verdict,
+                                            reason=reason, node=scrub_text(url))
+    click.echo(f"{job_id}: {verdict}")
+
+
+def _approve_url(settings: Settings, job_id: str, node: str | None) -> str:
+    if node:
+        return node.rstrip("/") + "/" + settings.api_prefix.strip("/") + "/compute/approve"
+    with opened_store(settings, writer=False) as store:
+        pending = store.approval(job_id)
+    if pending is None or not pending.callback:
+        raise click.ClickException(f"{job_id}: no recorded approval request for this job; "
+                                   "give the compute node with --node URL")
+    return pending.callback
+
+
+async def _send_approval(settings: Settings, signer: Signer, url: str, job_id: str,
+                         should_bid: bool, reason: str) -> None:
+    async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
+                         retry=RetryPolicy(attempts=3)) as client:
+        try:
+            await client.approve_at(url, job_id, should_bid=should_bid, reason=reason)
+        except NotAuthorized:
+            raise click.ClickException(
+                f"{job_id}: refused (401): this key (client id {signer.client_id}) is not the "
+                "node's approver; start the node with BACALHAU_JOB_APPROVER set to it") from None
+        except NoExecutions:
+            raise click.ClickException(
+                f"{job_id}: the node holds no execution of this job waiting for approval "
+                "(already decided, expired, or another node)") from None
+        except Unreachable:
+            raise click.ClickException(f"cannot reach the compute node at {scrub_text(url)}"
+                                       ) from None
+        except RequesterError as exc:
+            raise click.ClickException(f"{job_id}: {scrub_text(str(exc))}") from None
+
+
+def _record_decision(settings: Settings, job_id: str, verdict: str, reason: str) -> None:
+    """Mark the recorded request decided; a running daemon holds the store's daemon lock, so
+    write without it (SQLite serializes the writers)."""
+    try:
+        store = Store(settings.state_path(), writer=True, exclusive=False)
+    except StoreError:
+        return
+    with store:
+        pending = store.approval(job_id)
+        if pending is not None:
+            store.save_approval(replace(pending, state=verdict, reason=reason,
+                                        decided_at=time.time()))
+
+
+def _print_approvals(settings: Settings, as_json: bool) -> None:
+    with opened_store(settings, writer=False) as store:
+        approvals = sorted(store.approvals(), key=lambda a: (a.state != "pending", a.received_at))
+    rows = [{"job_id": a.job_id, "state": a.state, "node_id": a.node_id, "rule": a.rule,
+             "reason": a.reason, "job": json.loads(a.summary), "callback": scrub_text(a.callback)}
+            for a in approvals]
+    if as_json:
+        click.echo(json.dumps({"approvals": rows}, indent=2))
+        return
+    pending = sum(1 for a in approvals if a.state == "pending")
+    click.echo(f"approvals: {pending} pending, {len(approvals) - pending} decided")
+    for row in rows:
+        job = row["job"]
+        click.echo(f"{row['state']:<8} {row['job_id']}  node {row['node_id']}  "
+                   f"{job.get('engine')} {job.get('image') or ''}  rule {row['rule']}: "
+                   f"{row['reason']}")
+
+
 # --- keys and the dev requester ------------------------------------------------------------
 
 
@@ -376,10 +480,12 @@ def keygen(key_type: str, out: Path) -> None:
 @click.option("--drop-rate", default=0.0,
               help="Share of submits stored, then dropped without a reply.")
 @click.option("--seed", type=int, help="Seed of the fault injection's random choices.")
+@click.option("--probe-url", help="Ask this job-selection probe about each new job (the "
+              "compute node's --job-selection-probe-http).")
 def dev_requester(
     host: str, port: int, port_file: Path | None, job_duration: float, approver: str | None,
     state_file: Path | None, error_rate: float, latency: float, fail_after_store: float,
-    drop_rate: float, seed: int | None,
+    drop_rate: float, seed: int | None, probe_url: str | None,
 ) -> None:
     """Serve a local requester with Bacalhau's wire contract, for trials and tests."""
     from reconciler.devnet import DevConfig, serve
@@ -387,6 +493,6 @@ def dev_requester(
     config = DevConfig(
         job_duration=job_duration, approver=approver, state_file=state_file,
         error_rate=error_rate, latency=latency, fail_after_store=fail_after_store,
-        drop_rate=drop_rate, seed=seed,
+        drop_rate=drop_rate, seed=seed, probe_url=probe_url,
     )
     serve(config, host, port, port_file)

@@ -310,13 +310,19 @@ class ApiClient:
         reason: str = "",
     ) -> None:
         """Post a signed ``ModerateJobRequest`` to a compute node (CONTRACT section 3)."""
+        url = node_url.rstrip("/") + self._prefix + "/compute/approve"
+        await self.approve_at(url, job_id, should_bid=should_bid, reason=reason)
+
+    async def approve_at(
+        self, url: str, job_id: str, *, should_bid: bool = True, reason: str = ""
+    ) -> None:
+        """The same, to a full approve URL (the ``callback`` a probe request carried)."""
         payload = {
             "ClientID": self.client_id,
             "JobID": job_id,
             "Response": {"shouldBid": should_bid, "shouldWait": False, "reason": reason},
         }
         body = signed_body(self._signer, payload)
-        url = node_url.rstrip("/") + self._prefix + "/compute/approve"
         await self._retrying(lambda: self._post("approve", url, body, absolute=True))
 
     # --- transport -----------------------------------------------------------------------

@@ -39,10 +39,12 @@ from reconciler.apply import Executor
 from reconciler.client import ApiClient, RequesterError
 from reconciler.events import scrub_text
 from reconciler.gitsource import GitError, GitSource
+from reconciler.httpserve import HttpServer
 from reconciler.metrics import HealthServer, standard_metrics
 from reconciler.notify import Notifier
 from reconciler.observe import observe
 from reconciler.plan import PlanPolicy
+from reconciler.probe import ProbeService
 from reconciler.reconcile import PassResult, Reconciler
 from reconciler.settings import Settings, SettingsError
 from reconciler.signing import Signer
@@ -114,6 +116,7 @@ class Daemon:
             watcher.start()
         self._watcher = watcher
         server = await self._start_health_server()
+        probe = await self._start_probe()
         pinger = self._start_watchdog()
         self._log.info("daemon.started", manifests=self._describe_source(),
                        endpoint=self.settings.endpoint, client_id=self._signer.client_id,
@@ -135,6 +138,8 @@ class Daemon:
                 watcher.stop()
             if server is not None:
                 await server.stop()
+            if probe is not None:
+                await probe.stop()
             self._log.info("daemon.stopped")
         return 0
 
@@ -399,6 +404,22 @@ class Daemon:
                     self._log.error("watchdog.withheld", reason="no pass completed recently")
 
         return asyncio.create_task(ping())
+
+    async def _start_probe(self) -> HttpServer | None:
+        if not self.settings.probe_listen:
+            return None
+        service = ProbeService(self._store, self._client_id_of)
+        server = HttpServer(service.handle)
+        bound = await server.start(self.settings.probe_listen)
+        self._log.info("probe.listening", listen=bound, path="/probe")
+        return server
+
+    async def _client_id_of(self, job_id: str) -> str | None:
+        try:
+            jobs = await self._client.list_jobs(job_id=job_id)
+        except RequesterError:
+            return None
+        return jobs[0].client_id if jobs else None
 
     async def _start_health_server(self) -> HealthServer | None:
         if not self.settings.metrics_listen:

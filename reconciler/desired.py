@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from reconciler.manifest import LoadError, Manifest
+from reconciler.manifest import LoadError, Manifest, PolicyManifest
 from reconciler.source import Snapshot
 
 
@@ -27,6 +27,10 @@ class Desired:
     broken: frozenset[str] = frozenset()
     errors: tuple[LoadError, ...] = ()
     file_count: int = 0
+    #: Approval policies by name, and those held (broken or claimed twice): a held policy's
+    #: last valid version stays in force.
+    policies: Mapping[str, PolicyManifest] = field(default_factory=dict)
+    held_policies: Mapping[str, str] = field(default_factory=dict)
     #: Paths that changed moments ago and are still settling ("sub/" covers a folder, ""
     #: the whole tree): no effect is planned for them until they settle.
     settling: frozenset[str] = frozenset()
@@ -48,18 +52,23 @@ def collect(snapshot: Snapshot) -> Desired:
     if not snapshot.ready:
         return Desired(False, snapshot.reason, snapshot.revision)
     claims: dict[str, list[Manifest]] = defaultdict(list)
+    policy_claims: dict[str, list[PolicyManifest]] = defaultdict(list)
     held: dict[str, str] = {}
+    held_policies: dict[str, str] = {}
     errors: list[LoadError] = []
     broken: set[str] = set()
     for path in sorted(snapshot.files):
         result = snapshot.files[path]
         for manifest in result.manifests:
             claims[manifest.name].append(manifest)
+        for policy in result.policies:
+            policy_claims[policy.name].append(policy)
         for error in result.errors:
             errors.append(error)
             broken.add(path)
+            target = held_policies if error.kind == "ApprovalPolicy" else held
             for name in error.names:
-                held[name] = f"{error.path}: {error.field}: {error.message}"
+                target[name] = f"{error.path}: {error.field}: {error.message}"
     manifests: dict[str, Manifest] = {}
     for name, claimants in claims.items():
         if len(claimants) > 1:
@@ -72,8 +81,20 @@ def collect(snapshot: Snapshot) -> Desired:
             )
         elif name not in held:
             manifests[name] = claimants[0]
+    policies: dict[str, PolicyManifest] = {}
+    for name, claimants_ in policy_claims.items():
+        if len(claimants_) > 1:
+            held_policies[name] = "policy name claimed by more than one document: " + ", ".join(
+                f"{p.path}:{p.line}" for p in claimants_)
+            errors.extend(LoadError(p.path, p.line, "metadata.name",
+                                    f"policy {name!r} is defined more than once")
+                          for p in claimants_)
+        elif name not in held_policies:
+            policies[name] = claimants_[0]
     return Desired(
         ready=True,
+        policies=policies,
+        held_policies=held_policies,
         revision=snapshot.revision,
         manifests=manifests,
         held=held,

@@ -20,6 +20,7 @@ that name, so the planner holds its job even if the file moved.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,7 +31,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from reconciler.spec import Spec, canonical_keys, parse_spec, spec_hash
+from reconciler.approval import ApprovalPolicy
+from reconciler.spec import Spec, canonical_json, canonical_keys, parse_spec, spec_hash
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -89,6 +91,15 @@ class _Envelope(BaseModel):
     policy: Policy = Field(default_factory=Policy)
 
 
+class _PolicyEnvelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    api_version: Literal["reconciler/v1"] = Field(alias="apiVersion")
+    kind: Literal["ApprovalPolicy"]
+    metadata: _Metadata
+    spec: ApprovalPolicy
+
+
 class _Native(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -111,6 +122,17 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class PolicyManifest:
+    """One approval policy (``kind: ApprovalPolicy``)."""
+
+    name: str
+    policy: ApprovalPolicy = field(repr=False)
+    body_hash: str
+    path: str
+    line: int = 1
+
+
+@dataclass(frozen=True)
 class LoadError:
     """One problem with one file, renderable on one line, naming no input value."""
 
@@ -120,6 +142,8 @@ class LoadError:
     message: str
     #: Names this (broken) document still claims, when they could be read.
     names: tuple[str, ...] = ()
+    #: What kind of document claims them: "Job" or "ApprovalPolicy".
+    kind: str = "Job"
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.field}: {self.message}"
@@ -130,6 +154,7 @@ class FileResult:
     path: str
     manifests: tuple[Manifest, ...] = ()
     errors: tuple[LoadError, ...] = ()
+    policies: tuple[PolicyManifest, ...] = ()
 
 
 def load_file(path: str, data: bytes) -> FileResult:
@@ -149,15 +174,18 @@ def load_file(path: str, data: bytes) -> FileResult:
     stem = PurePosixPath(path).stem.lower()
     manifests: list[Manifest] = []
     errors: list[LoadError] = []
+    policies: list[PolicyManifest] = []
     for doc in documents:
         outcome = _read_document(path, stem, doc)
         if isinstance(outcome, Manifest):
             manifests.append(outcome)
+        elif isinstance(outcome, PolicyManifest):
+            policies.append(outcome)
         else:
             errors.append(outcome)
-    if not manifests and not errors:
+    if not manifests and not errors and not policies:
         errors.append(LoadError(path, 1, "file", "no documents"))
-    return FileResult(path, tuple(manifests), tuple(errors))
+    return FileResult(path, tuple(manifests), tuple(errors), tuple(policies))
 
 
 def _fail(path: str, where: str, message: str, line: int = 1) -> FileResult:
@@ -246,10 +274,14 @@ def _check_size(value: object) -> None:
             stack.extend(item)
 
 
-def _read_document(path: str, stem: str, doc: _Document) -> Manifest | LoadError:
+def _read_document(
+    path: str, stem: str, doc: _Document
+) -> Manifest | PolicyManifest | LoadError:
     value = doc.value
     if not isinstance(value, dict):
         return LoadError(path, doc.line, "document", "must be a mapping")
+    if _is_envelope(value) and value.get("kind") == "ApprovalPolicy":
+        return _read_policy(path, doc, value)
     if _is_envelope(value):
         return _read_envelope(path, doc, value)
     return _read_native(path, stem, doc, value)
@@ -280,6 +312,21 @@ def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Manifest
         labels=envelope.metadata.labels,
         policy=envelope.policy,
     )
+
+
+def _read_policy(path: str, doc: _Document, value: dict[Any, Any]) -> PolicyManifest | LoadError:
+    claimed = _claimed_name(value)
+    try:
+        envelope = _PolicyEnvelope.model_validate(value)
+    except ValidationError as exc:
+        error = _validation_error(path, doc, exc, claimed)
+        return LoadError(error.path, error.line, error.field, error.message, claimed,
+                         "ApprovalPolicy")
+    name = envelope.metadata.name
+    if not is_manifest_name(name):
+        return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
+    body = canonical_json(envelope.spec.model_dump(mode="json", by_alias=True))
+    return PolicyManifest(name, envelope.spec, hashlib.sha256(body).hexdigest(), path, doc.line)
 
 
 def _read_native(

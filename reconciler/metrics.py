@@ -2,19 +2,19 @@
 
 ``GET /metrics`` (text format 0.0.4), ``GET /healthz`` (the loop is alive: a pass completed
 recently), ``GET /readyz`` (the last pass completed, is recent, and the source was ready), and
-``POST /sync`` (ask for a pass now). A tiny HTTP/1.1 server on asyncio: four fixed routes do not
-need a framework, and it shares the daemon's event loop.
+``POST /sync`` (ask for a pass now), served by :mod:`reconciler.httpserve`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
+
+from reconciler.httpserve import HttpServer, Response
 
 LabelKey = tuple[tuple[str, str], ...]
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -121,49 +121,27 @@ class HealthServer:
                  on_sync: Callable[[], None]) -> None:
         self._metrics = metrics
         self._health, self._ready, self._on_sync = health, ready, on_sync
-        self._server: asyncio.Server | None = None
-        self.port = 0
+        self._http = HttpServer(self._route)
 
     async def start(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        self._server = await asyncio.start_server(self._serve, host or "127.0.0.1", int(port))
-        self.port = self._server.sockets[0].getsockname()[1]
-        structlog.get_logger("reconciler").info("metrics.listening", listen=f"{host}:{self.port}")
+        bound = await self._http.start(listen)
+        structlog.get_logger("reconciler").info("metrics.listening", listen=bound)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._http.stop()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            method, path, *_ = request.split(b" ", 2)
-            status, body, kind = self._route(method.decode(), path.decode().split("?")[0])
-            head = (f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ValueError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def _route(self, method: str, path: str) -> tuple[str, bytes, str]:
-        text = "text/plain; charset=utf-8"
+    async def _route(self, method: str, path: str, body: bytes) -> Response:
         if path == "/metrics":
-            return "200 OK", self._metrics.render().encode(), "text/plain; version=0.0.4"
+            return Response(200, self._metrics.render().encode(), "text/plain; version=0.0.4")
         if path == "/healthz":
             return _judged(self._health(), b"ok\n", b"stale\n")
         if path == "/readyz":
             return _judged(self._ready(), b"ready\n", b"not ready\n")
         if path == "/sync" and method == "POST":
             self._on_sync()
-            return "202 Accepted", b"sync requested\n", text
-        return "404 Not Found", b"not found\n", text
+            return Response(202, b"sync requested\n")
+        return Response(404, b"not found\n")
 
 
-def _judged(ok: bool, good: bytes, bad: bytes) -> tuple[str, bytes, str]:
-    status = "200 OK" if ok else "503 Service Unavailable"
-    return status, good if ok else bad, "text/plain; charset=utf-8"
+def _judged(ok: bool, good: bytes, bad: bytes) -> Response:
+    return Response(200, good) if ok else Response(503, bad)

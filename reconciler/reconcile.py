@@ -16,7 +16,7 @@ from reconciler.apply import ApplyReport, Executor
 from reconciler.desired import Desired, collect
 from reconciler.plan import Action, Plan, PlanPolicy, plan
 from reconciler.source import Source
-from reconciler.state import Store
+from reconciler.state import Store, StoredPolicy
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class Reconciler:
         desired, the_plan = self.plan(settling=settling)
         self._report_problems(desired, the_plan)
         report = await executor.apply(the_plan) if executor is not None else ApplyReport()
+        if executor is not None:
+            self._sync_policies(desired)
         result = PassResult(desired, the_plan, report, time.perf_counter() - started)
         self._log.info(
             "pass.completed", state=result.overall, revision=the_plan.revision,
@@ -87,6 +89,28 @@ class Reconciler:
             duration_ms=round(result.duration * 1000, 1),
         )
         return result
+
+    def _sync_policies(self, desired: Desired) -> None:
+        """Keep the store's approval policies in step: a held (broken) policy keeps its last
+        valid version, and nothing is dropped while the source is not ready."""
+        if not desired.ready:
+            return
+        stored = {p.name: p for p in self.store.policies()}
+        changed = [
+            StoredPolicy(p.name, p.policy.model_dump_json(by_alias=True), p.body_hash, p.path)
+            for p in desired.policies.values()
+            if p.name not in stored or stored[p.name].body_hash != p.body_hash
+        ]
+        gone = [name for name, p in stored.items()
+                if name not in desired.policies and name not in desired.held_policies
+                and not desired.is_broken(p.path)]
+        self.store.save_policies(changed)
+        self.store.drop_policies(gone)
+        for policy in changed:
+            self._log.info("policy.updated", name=policy.name, path=policy.path,
+                           revision=desired.revision)
+        for name in gone:
+            self._log.info("policy.removed", name=name, revision=desired.revision)
 
     def _report_problems(self, desired: Desired, the_plan: Plan) -> None:
         """One event per problem when it first appears, not on every pass."""

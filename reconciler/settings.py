@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     metrics_listen: str | None = Field(None, description="host:port of /metrics, /healthz and "
                                        "/readyz (off by default).")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="Event format.")
+    probe_listen: str | None = Field(None, description="host:port of the job-selection probe "
+                                     "(POST /probe) that compute nodes call; off when unset.")
 
     def plan_policy(self, *, allow_mass_cancel: bool = False) -> PlanPolicy:
         return PlanPolicy(

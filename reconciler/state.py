@@ -26,13 +26,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from reconciler.records import Phase, Record
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -53,9 +53,52 @@ _MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX jobs_job_id ON jobs(job_id);
     """,
+    2: """
+    CREATE TABLE approval_policies (
+        name TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        body_hash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE approvals (
+        job_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        callback TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        state TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        decided_at REAL
+    );
+    """,
 }
 
 _COLUMNS = tuple(f.name for f in fields(Record))
+
+
+@dataclass(frozen=True)
+class StoredPolicy:
+    name: str
+    body: str  # the policy as canonical JSON
+    body_hash: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A probe request and what became of it (state: pending, approved, rejected)."""
+
+    job_id: str
+    node_id: str
+    callback: str
+    summary: str  # engine, image, resources: never the spec itself (it may hold secrets)
+    state: str
+    rule: str
+    reason: str
+    received_at: float
+    decided_at: float | None = None
 
 
 class StoreError(Exception):
@@ -91,11 +134,13 @@ def _translated(path: Path) -> Iterator[None]:
 class Store:
     """Records by name. ``writer=False`` opens read-only (``plan``, ``status``)."""
 
-    def __init__(self, path: Path, *, writer: bool = True) -> None:
+    def __init__(self, path: Path, *, writer: bool = True, exclusive: bool = True) -> None:
+        """``exclusive=False`` writes without the daemon lock (SQLite still serializes
+        writers): for small updates from the CLI while a daemon runs."""
         self.path = path
         self._lock_fd: int | None = None
         with _translated(path):
-            if writer:
+            if writer and exclusive:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._lock_fd = _take_lock(path)
             self._db = self._connect(path, writer)
@@ -130,7 +175,8 @@ class Store:
             if self.path.exists():
                 raise StoreError(f"{self.path}: needs a schema upgrade; run the daemon or "
                                  "`reconciler apply` once")
-            self._db.executescript(_MIGRATIONS[1])  # an empty in-memory view
+            for step in range(1, SCHEMA_VERSION + 1):  # an empty in-memory view
+                self._db.executescript(_MIGRATIONS[step])
             return
         for step in range(version + 1, SCHEMA_VERSION + 1):
             # executescript commits whatever is open first, so the script carries its own
@@ -168,7 +214,42 @@ class Store:
         with _translated(self.path):
             return str(self._db.execute("PRAGMA quick_check").fetchone()[0])
 
+    def policies(self) -> list[StoredPolicy]:
+        with _translated(self.path):
+            rows = self._db.execute("SELECT name, body, body_hash, path FROM approval_policies "
+                                    "ORDER BY name").fetchall()
+        return [StoredPolicy(*row) for row in rows]
+
+    def approvals(self, state: str | None = None) -> list[Approval]:
+        sql = "SELECT * FROM approvals" + (" WHERE state = ?" if state else "")
+        with _translated(self.path):
+            rows = self._db.execute(sql + " ORDER BY received_at", (state,) if state else ())
+        return [Approval(**dict(row)) for row in rows]
+
+    def approval(self, job_id: str) -> Approval | None:
+        with _translated(self.path):
+            row = self._db.execute("SELECT * FROM approvals WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+        return Approval(**dict(row)) if row else None
+
     # --- writing ------------------------------------------------------------------------
+
+    def save_policies(self, policies: Sequence[StoredPolicy]) -> None:
+        now = time.time()
+        with _translated(self.path), self._transaction(durable=False):
+            self._db.executemany(
+                "INSERT OR REPLACE INTO approval_policies VALUES (?, ?, ?, ?, ?)",
+                [(p.name, p.body, p.body_hash, p.path, now) for p in policies])
+
+    def drop_policies(self, names: Iterable[str]) -> None:
+        with _translated(self.path), self._transaction(durable=False):
+            self._db.executemany("DELETE FROM approval_policies WHERE name = ?",
+                                 [(n,) for n in names])
+
+    def save_approval(self, approval: Approval) -> None:
+        with _translated(self.path), self._transaction(durable=True):
+            self._db.execute("INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             astuple(approval))
 
     def commit_intents(self, records: Sequence[Record]) -> None:
         """Write intents durably (FULL): one fsync for the whole batch."""

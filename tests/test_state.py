@@ -94,3 +94,21 @@ def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="file"):
         Store(blocker / "state.db")
+
+
+def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
+    from reconciler.state import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(_MIGRATIONS[1] + "PRAGMA user_version=1;")
+    db.execute("INSERT INTO jobs (name, phase, spec_hash, path, updated_at) VALUES "
+               "('kept', 'active', 'h', 'kept.yaml', 0)")
+    db.commit()
+    db.close()
+    with pytest.raises(Exception, match="needs a schema upgrade"):
+        Store(path, writer=False)
+    with Store(path) as store:
+        assert [r.name for r in store.records()] == ["kept"]
+        assert store.policies() == [] and store.approvals() == []
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -163,13 +163,13 @@ class JobStore:
         self,
         *,
         job_duration: float = 5.0,
-        approver: str | None = None,
+        waits_for_approval: bool = False,
         state_file: Path | None = None,
     ) -> None:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self.job_duration = job_duration
-        self.approver = approver
+        self.waits_for_approval = waits_for_approval
         self._journal = None
         if state_file is not None:
             self._replay(state_file)
@@ -182,8 +182,8 @@ class JobStore:
     def create(self, client_id: str, spec: dict[str, Any]) -> Job:
         now = time.time()
         job = Job(str(uuid.uuid4()), client_id, apply_transforms(spec), now)
-        if self.approver:
-            job.execution = "AskForBid"  # waits for a ModerateJobRequest
+        if self.waits_for_approval:
+            job.execution = "AskForBid"  # waits for the probe or a ModerateJobRequest
         else:
             job.started = now
         job.history.append(_history(job.job_id, "Undefined", "New", "job created"))

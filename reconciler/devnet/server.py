@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import structlog
 
 from reconciler.devnet import checks
@@ -49,6 +50,7 @@ class DevConfig:
     fail_after_store: float = 0.0
     drop_rate: float = 0.0
     seed: int | None = None
+    probe_url: str | None = None
 
 
 @dataclass
@@ -87,9 +89,10 @@ class DevRequester:
         self.config = config
         self.jobs = JobStore(
             job_duration=config.job_duration,
-            approver=config.approver,
+            waits_for_approval=bool(config.approver or config.probe_url),
             state_file=config.state_file,
         )
+        self._probes: set[asyncio.Task[None]] = set()
         self.stats: Counter[str] = Counter()
         self._rng = random.Random(config.seed)
         self._log = structlog.get_logger("devnet")
@@ -179,7 +182,37 @@ class DevRequester:
         except checks.Invalid as exc:
             return error_envelope(400, f"error validating request: {exc}")
         job = self.jobs.create(envelope.client_id, spec)
+        if self.config.probe_url:
+            host, port = scope.get("server") or ("127.0.0.1", 0)
+            task = asyncio.get_running_loop().create_task(
+                self._ask_probe(job, f"http://{host}:{port}{PREFIX}/compute/approve"))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
         return self._after_store(job)
+
+    async def _ask_probe(self, job: Job, callback: str) -> None:
+        """The compute node's external HTTP bid strategy (CONTRACT section 3)."""
+        assert self.config.probe_url is not None
+        body = {"node_id": "QmDevCompute", "job_id": job.job_id, "spec": job.spec,
+                "callback": callback}
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                reply = await http.post(self.config.probe_url, json=body)
+        except httpx.HTTPError:
+            self._settle(job, False, "job selection probe unreachable")
+            return
+        if reply.status_code >= 400:
+            self._settle(job, False, f"job selection probe answered {reply.status_code}")
+        elif reply.headers.get("content-type") != "application/json":
+            self._settle(job, True, "probe gave no JSON answer: bid")
+        else:
+            answer = _loads_object(reply.content)
+            if not answer.get("shouldWait"):
+                self._settle(job, bool(answer.get("shouldBid")), str(answer.get("reason") or ""))
+
+    def _settle(self, job: Job, should_bid: bool, reason: str) -> None:
+        if job.state == "New" and job.execution == "AskForBid":
+            self.jobs.moderate(job, should_bid, reason)
 
     def _after_store(self, job: Job) -> Reply:
         header = {"X-Bacalhau-Job-ID": job.job_id}
