@@ -482,10 +482,12 @@ def keygen(key_type: str, out: Path) -> None:
 @click.option("--seed", type=int, help="Seed of the fault injection's random choices.")
 @click.option("--probe-url", help="Ask this job-selection probe about each new job (the "
               "compute node's --job-selection-probe-http).")
+@click.option("--submit-latency", default=0.0,
+              help="Store each submitted job, then answer only after this many seconds.")
 def dev_requester(
     host: str, port: int, port_file: Path | None, job_duration: float, approver: str | None,
     state_file: Path | None, error_rate: float, latency: float, fail_after_store: float,
-    drop_rate: float, seed: int | None, probe_url: str | None,
+    drop_rate: float, seed: int | None, probe_url: str | None, submit_latency: float,
 ) -> None:
     """Serve a local requester with Bacalhau's wire contract, for trials and tests."""
     from reconciler.devnet import DevConfig, serve
@@ -493,6 +495,6 @@ def dev_requester(
     config = DevConfig(
         job_duration=job_duration, approver=approver, state_file=state_file,
         error_rate=error_rate, latency=latency, fail_after_store=fail_after_store,
-        drop_rate=drop_rate, seed=seed, probe_url=probe_url,
+        drop_rate=drop_rate, seed=seed, probe_url=probe_url, submit_latency=submit_latency,
     )
     serve(config, host, port, port_file)

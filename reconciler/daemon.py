@@ -84,6 +84,7 @@ class Daemon:
         self._reconciler = Reconciler(self._source, store, self._policy())
         self._fetch_failures = 0
         self._fetch_requested = False
+        self._observe_failures = 0
         self._started = time.monotonic()
         self._last_alive = self._started  # a completed pass, or progress inside one
         self._last_result: PassResult | None = None
@@ -169,8 +170,9 @@ class Daemon:
             if work is _Work.FETCH and not await self._fetch():
                 continue
             if work is _Work.POLL:
-                next_poll = time.monotonic() + self.settings.poll_interval
-                if not await self._observe():
+                changed = await self._observe()
+                next_poll = time.monotonic() + self._poll_delay()
+                if not changed:
                     continue
             next_resync = time.monotonic() + await self._pass_then_delay()
 
@@ -304,9 +306,16 @@ class Daemon:
         try:
             counts: Counter[str] = await observe(self._store, self._client, self._policy())
         except (RequesterError, StoreError) as exc:
-            self._log.warning("observe.failed", error=str(exc))
+            self._observe_failures += 1
+            self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll_delay())
             return False
+        self._observe_failures = 0
         return bool(counts)
+
+    def _poll_delay(self) -> float:
+        """The poll interval, doubling while the requester cannot be reached (up to 2 min)."""
+        interval = self.settings.poll_interval
+        return float(min(max(interval, 120.0), interval * 2.0 ** self._observe_failures))
 
     # --- reload ---------------------------------------------------------------------------
 

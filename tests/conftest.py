@@ -58,7 +58,7 @@ class DevProcess:
     def jobs(self, **request: object) -> list[dict[str, object]]:
         """What the requester recorded: every client's jobs, straight from its list route."""
         body = {"return_all": True, "max_jobs": 0, **request}
-        reply = httpx.post(self.url + "/api/v1/requester/list", json=body, timeout=10)
+        reply = httpx.post(self.url + "/devnet/jobs", json=body, timeout=10)
         reply.raise_for_status()
         return list(reply.json()["jobs"])
 

@@ -62,18 +62,23 @@ class DaemonProcess:
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
 
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the process to exit on its own (no signal sent)."""
+        code = self.process.wait(timeout=timeout)
         self._reader.join(timeout=5)
         if self.process.stderr is not None:
             self.process.stderr.close()
         return code
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """One SIGTERM (if still running), then wait; kill after ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.wait(timeout)
 
 
 def daemon_args(root: Path, state: Path, url: str, key: Path, *extra: str) -> list[str]:

@@ -188,7 +188,8 @@ def test_sigterm_mid_sync_then_restart_has_no_duplicates(
     first.wait_event("job.submitted", 50, timeout=30)
     signalled = time.monotonic()
     first.signal(signal.SIGTERM)
-    assert first.stop(timeout=10) == 0
+    assert first.wait(timeout=10) == 0  # wait: stop() would send a second signal
+    first.stop()
     assert time.monotonic() - signalled < 3 + 2
     assert first.named("daemon.stopped")
     done_before = len(dev.jobs())
@@ -219,7 +220,8 @@ def test_second_signal_exits_at_once_and_the_store_survives(
     first.signal(signal.SIGTERM)
     first.wait_event("daemon.stopping")
     first.signal(signal.SIGTERM)
-    assert first.stop(timeout=5) == 128 + signal.SIGTERM
+    assert first.wait(timeout=5) == 128 + signal.SIGTERM
+    first.stop()
     second = DaemonProcess(args)
     try:
         wait_until(lambda: len(by_name(dev)) == 40, timeout=60)

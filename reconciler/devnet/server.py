@@ -7,7 +7,8 @@ plain text. A compute-node side serves ``/compute/approve`` for jobs waiting for
 
 Fault injection (for the reliability suite): ``error_rate`` answers a share of requests 500,
 503 or 429 before doing anything; ``latency`` delays every request; ``fail_after_store`` stores
-a submitted job and then answers 500; ``drop_rate`` stores it and then drops the connection.
+a submitted job and then answers 500; ``drop_rate`` stores it and then drops the connection;
+``submit_latency`` stores it and answers only after that many seconds (past a client's timeout).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DevConfig:
     drop_rate: float = 0.0
     seed: int | None = None
     probe_url: str | None = None
+    submit_latency: float = 0.0
 
 
 @dataclass
@@ -107,6 +109,8 @@ class DevRequester:
             "/livez": lambda body, scope: plain(200, "OK"),
             "/readyz": lambda body, scope: plain(200, "OK"),
             "/devnet/stats": lambda body, scope: json_reply(200, dict(self.stats)),
+            # The list route without fault injection: how tests see what was recorded.
+            "/devnet/jobs": self._list,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -134,6 +138,10 @@ class DevRequester:
         if handler is None:
             return plain(404, "404 page not found")
         self.stats[route] += 1
+        if route == "/requester/submit" and self.config.submit_latency and body is not None:
+            reply = handler(body, scope)  # stored now; the reply comes late
+            await asyncio.sleep(self.config.submit_latency)
+            return reply
         if body is None:
             return error_envelope(400, "error unmarshalling envelope: http: request body too large")
         if self.config.latency:

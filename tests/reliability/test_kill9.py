@@ -1,0 +1,70 @@
+"""Scenario 1: kill -9 anywhere. A daemon reconciling hundreds of manifests is SIGKILLed at
+random moments and restarted; the folder changes between trials. After convergence: one live
+job per manifest, no uid submitted twice, removed manifests' jobs cancelled."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import DevProcess
+from tests.daemon_proc import DaemonProcess, daemon_args
+from tests.reliability.common import audit, figures, manifest, seeded, size
+from tests.test_daemon import wait_until
+
+
+def converge(args: list[str], timeout: float = 180) -> tuple[DaemonProcess, float]:
+    started = time.monotonic()
+    daemon = DaemonProcess(args)
+    daemon.wait_for(lambda: any(e.get("changes") == 0 for e in daemon.named("pass.completed")),
+                    timeout, "a quiet pass")
+    return daemon, time.monotonic() - started
+
+
+def test_kill9_anywhere(tmp_path: Path, dev_factory: Callable[..., DevProcess],
+                        rsa_key: Path) -> None:
+    rng = seeded("kill9")
+    count, trials = size(150, 500), size(5, 30)
+    dev = dev_factory("--latency", "0.004", "--job-duration", "3600")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    wanted: dict[str, str] = {}
+    version = 0
+
+    def write(name: str) -> None:
+        nonlocal version
+        version += 1
+        wanted[name] = f"img:{version}"  # images never repeat: a cancel of one is a replace
+        (root / f"{name}.yaml").write_text(manifest(name, wanted[name]))
+
+    for index in range(count):
+        write(f"m-{index:04d}")
+    args = daemon_args(root, tmp_path / "state.db", dev.url, rsa_key)
+    kills = []
+    for trial in range(trials):
+        step = max(1, count // 50)
+        for name in rng.sample(sorted(wanted), step):  # removed
+            (root / f"{name}.yaml").unlink()
+            del wanted[name]
+        for name in rng.sample(sorted(wanted), step):  # changed
+            write(name)
+        for _ in range(step):  # added
+            write(f"new-{trial}-{rng.randrange(10**6)}")
+        daemon = DaemonProcess(args)
+        delay = rng.uniform(0.05, 1.5)
+        time.sleep(delay)
+        daemon.signal(signal.SIGKILL)
+        assert daemon.stop() == -signal.SIGKILL
+        kills.append((round(delay, 2), len(daemon.named("job.submitted")),
+                      len(daemon.named("job.cancelled"))))
+    daemon, recovery = converge(args)
+    daemon.stop()
+    wait_until(lambda: True)
+    result = audit(dev.jobs(), wanted)
+    figures("kill9", manifests=len(wanted), trials=trials, duplicates=result.duplicates,
+            lost=result.lost, wrongful_cancels=result.wrongful_cancels, stale=result.stale,
+            recovery_s=round(recovery, 2), requester_jobs=len(dev.jobs()))
+    print("kills (delay s, submitted, cancelled before the kill):", kills)
+    assert result.clean, result.problems[:20]
