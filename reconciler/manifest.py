@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 MAX_FILE_BYTES = 1024 * 1024
+# libyaml when PyYAML has it: ~40x faster on large scalars, and it refuses absurd nesting at
+# once instead of recursing until Python gives up (0.5 s per 5,000-deep file).
+_COMPOSER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_NODES = 100_000  # values in one document after alias expansion: stops YAML bombs
 ENVELOPE_API = "reconciler/v1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -213,7 +216,7 @@ def _documents(path: str, text: str) -> Iterator[_Document]:
         yield _json_document(text)
         return
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_COMPOSER))
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         message = f"invalid YAML: {exc.problem or 'syntax error'}"
@@ -238,7 +241,7 @@ def _json_document(text: str) -> _Document:
     except RecursionError:
         raise _ParseError("invalid JSON: nested too deeply") from None
     try:
-        node: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)  # for line numbers
+        node: yaml.Node | None = yaml.compose(text, Loader=_COMPOSER)  # for line numbers
     except (yaml.YAMLError, RecursionError):
         node = None
     return _Document(value, node, 1)

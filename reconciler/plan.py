@@ -155,6 +155,10 @@ def _decide(
     if name in desired.held:
         return _held(name, record, desired.held[name])
     manifest = desired.manifests.get(name)
+    if manifest is not None and record is not None and record.path != manifest.path \
+            and desired.is_broken(record.path):
+        return _held(name, record, f"{record.path} cannot be read or parsed and may still "
+                     f"define this name (now also claimed by {manifest.path})")
     if manifest is not None:
         return _decide_present(manifest, record, policy, now)
     assert record is not None  # names come from the records, the manifests or the held

@@ -135,6 +135,9 @@ class _Walk:
             if name.startswith("."):
                 continue  # hidden files and folders, .git included
             if is_dir:
+                if wanted_file(name):  # x.yaml/ replaced a file: hold what x.yaml made
+                    self.failed[prefix + name] = _unreadable(prefix + name, None,
+                                                             "a folder, not a manifest file")
                 self._subdirectory(dfd, prefix + name + "/", name, depth)
             elif wanted_file(name):
                 self._file(dfd, prefix + name, name)

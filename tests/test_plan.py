@@ -158,3 +158,11 @@ def test_settling_paths_defer_every_effect() -> None:
     assert actions == {"a": Action.WAIT, "b": Action.WAIT, "c": Action.SUBMIT}
     everything = Desired(True, file_count=1, settling=frozenset({""}))
     assert plan(everything, records, PlanPolicy(), 0).changes == ()
+
+
+def test_a_name_whose_old_file_is_broken_is_held_even_if_claimed_elsewhere() -> None:
+    records = [Record("a", Phase.ACTIVE, HASHES[0], "a.yaml", job_id="j")]
+    desired = Desired(True, manifests={"a": manifest("a", HASHES[1], "other.yaml")},
+                      broken=frozenset({"a.yaml"}), file_count=2)
+    [decision] = plan(desired, records, PlanPolicy(), 0).decisions
+    assert decision.action is Action.HOLD and "may still define" in decision.reason
