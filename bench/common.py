@@ -37,12 +37,37 @@ def start_requester(directory: Path, *args: str) -> tuple[subprocess.Popen[bytes
 
 
 def start_daemon(directory: Path, root: Path, url: str, key_path: Path,
-                 **env: str) -> subprocess.Popen[bytes]:
+                 log: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, **{f"RECONCILER_{k.upper()}": v for k, v in env.items()}}
-    return subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "--log-level", "warning", "run", "--manifests",
-         str(root), "--state", str(directory / "state.db"), "--endpoint", url, "--key",
-         str(key_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+    with open(log or os.devnull, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "--log-format", "json", "run", "--manifests",
+             str(root), "--state", str(directory / "state.db"), "--endpoint", url, "--key",
+             str(key_path)], stdout=subprocess.DEVNULL, stderr=out, env=environment)
+
+
+def wait_log(log: Path, event: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while f'"{event}"' not in log.read_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {event} in {log}")
+        time.sleep(0.1)
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def jobs(url: str) -> list[dict[str, object]]:

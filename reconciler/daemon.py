@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -270,6 +271,10 @@ class Daemon:
 
     def _pass_completed(self, result: PassResult) -> None:
         first = self._last_result is None
+        if first:
+            # The parse cache is long-lived; keep the collector from rescanning it on every
+            # pass (full collections cost ~0.1 s per pass at 10,000 manifests).
+            gc.freeze()
         self._last_result, self._last_pass_ok = result, True
         self._alive()
         self._record_pass_metrics(result)

@@ -159,6 +159,10 @@ def _decide(
             and desired.is_broken(record.path):
         return _held(name, record, f"{record.path} cannot be read or parsed and may still "
                      f"define this name (now also claimed by {manifest.path})")
+    if manifest is not None and record is not None and _unchanged_and_live(manifest, record):
+        # The common case at scale, kept cheap: nothing to do.
+        return Decision(name, Action.NOOP, "unchanged; job is live", manifest.path,
+                        record.job_id, manifest, record)
     if manifest is not None:
         return _decide_present(manifest, record, policy, now)
     assert record is not None  # names come from the records, the manifests or the held
@@ -176,6 +180,11 @@ def _settled(decision: Decision, desired: Desired) -> Decision:
         return decision
     return replace(decision, action=Action.WAIT,
                    reason=f"{decision.reason}; waiting for the file to settle")
+
+
+def _unchanged_and_live(manifest: Manifest, record: Record) -> bool:
+    return (record.phase is Phase.ACTIVE and record.spec_hash == manifest.spec_hash
+            and record.path == manifest.path and record.on_remove == manifest.policy.on_remove)
 
 
 def _held(name: str, record: Record | None, why: str) -> Decision:

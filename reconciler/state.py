@@ -26,7 +26,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, astuple, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,10 @@ class Store:
         writers): for small updates from the CLI while a daemon runs."""
         self.path = path
         self._lock_fd: int | None = None
+        # The only writer (it holds the lock) keeps a write-through copy of the records, so a
+        # pass does not read every row back from SQLite; others always read the file.
+        self._cache: dict[str, Record] | None = None
+        self._caching = writer and exclusive
         with _translated(path):
             if writer and exclusive:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -200,11 +204,18 @@ class Store:
     # --- reading ------------------------------------------------------------------------
 
     def records(self) -> list[Record]:
+        if self._cache is not None:
+            return list(self._cache.values())
         with _translated(self.path):
             rows = self._db.execute("SELECT * FROM jobs ORDER BY name").fetchall()
-        return [_record(row) for row in rows]
+        records = [_record(row) for row in rows]
+        if self._caching:
+            self._cache = {r.name: r for r in records}
+        return records
 
     def get(self, name: str) -> Record | None:
+        if self._cache is not None:
+            return self._cache.get(name)
         with _translated(self.path):
             row = self._db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
         return _record(row) if row else None
@@ -260,8 +271,12 @@ class Store:
         self._write(records, durable=False)
 
     def forget(self, names: Iterable[str]) -> None:
+        gone = list(names)
         with _translated(self.path), self._transaction(durable=False):
-            self._db.executemany("DELETE FROM jobs WHERE name = ?", [(n,) for n in names])
+            self._db.executemany("DELETE FROM jobs WHERE name = ?", [(n,) for n in gone])
+        if self._cache is not None:  # only once the transaction committed
+            for name in gone:
+                self._cache.pop(name, None)
 
     def _write(self, records: Sequence[Record], durable: bool) -> None:
         if not records:
@@ -272,6 +287,9 @@ class Store:
         sql = f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
         with _translated(self.path), self._transaction(durable):
             self._db.executemany(sql, rows)
+        if self._cache is not None:  # only once the transaction committed
+            for record in records:
+                self._cache[record.name] = replace(record, updated_at=now)
 
     @contextlib.contextmanager
     def _transaction(self, durable: bool) -> Iterator[None]:

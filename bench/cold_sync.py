@@ -1,0 +1,162 @@
+"""Cold sync throughput: N new manifests submitted, against the work that cannot be avoided.
+
+Usage: python -m bench.cold_sync [--counts 1000,5000,10000] [--keys rsa,ed25519]
+
+For each key type and N, each against a fresh dev requester:
+  reconciler  one pass of the real code: read + parse N files, plan, durable intents, signed
+              submits at concurrency 8, outcomes saved, events rendered (to /dev/null);
+  baseline    build each payload, sign it, send it with plain httpx at concurrency 8;
+  transport   the same N requests signed beforehand (the HTTP and server cost alone).
+Target (issue 8): reconciler / baseline <= 1.3. Also prints the dev requester's ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import key, scratch, start_requester, table
+from reconciler import events
+from reconciler.apply import Executor, job_annotations
+from reconciler.client import ApiClient
+from reconciler.manifest import load_file
+from reconciler.plan import PlanPolicy
+from reconciler.reconcile import Reconciler
+from reconciler.signing import Signer, load_signer, signed_body
+from reconciler.source import FolderSource
+from reconciler.spec import to_wire
+from reconciler.state import Store
+from tests.reliability.common import manifest
+
+CONCURRENCY = 8
+
+
+def write_manifests(root: Path, count: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        (root / f"c-{index:05d}.yaml").write_text(manifest(f"c-{index:05d}", f"img:{index}"))
+
+
+async def reconciler_run(root: Path, state: Path, url: str, signer: Signer) -> float:
+    store = Store(state)
+    policy = PlanPolicy()
+    async with ApiClient(url, signer) as client:
+        executor = Executor(store, client, policy, concurrency=CONCURRENCY)
+        started = time.perf_counter()
+        result = await Reconciler(FolderSource(root), store, policy).run_pass(executor)
+        elapsed = time.perf_counter() - started
+    store.close()
+    assert result.report.counts["submit.ok"] == len(result.desired.manifests), result.report
+    return elapsed
+
+
+def payloads(root: Path, signer: Signer, count: int) -> list[dict[str, Any]]:
+    """What the baseline sends: the same specs and annotations (prepared beforehand)."""
+    out = []
+    for index in range(count):
+        path = root / f"c-{index:05d}.yaml"
+        [item] = load_file(path.name, path.read_bytes()).manifests
+        spec = to_wire(item.spec)
+        spec["Annotations"] = job_annotations(item, os.urandom(16).hex())
+        out.append({"APIVersion": "V1beta1", "ClientID": signer.client_id, "Spec": spec})
+    return out
+
+
+async def send_all(url: str, bodies: list[Any], sign: Signer | None) -> float:
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+        async def one(body: Any) -> None:
+            async with semaphore:
+                data = signed_body(sign, body) if sign is not None else body
+                reply = await http.post("/api/v1/requester/submit", content=data)
+                assert reply.status_code == 200, reply.text
+                json.loads(reply.content)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(body) for body in bodies))
+        return time.perf_counter() - started
+
+
+def fresh(directory: Path) -> tuple[Any, str]:
+    return start_requester(directory)
+
+
+def measure(directory: Path, key_type: str, count: int) -> list[object]:
+    signer = load_signer(key(directory / key_type, key_type) if not
+                         (directory / key_type / f"{key_type}.pem").exists()
+                         else directory / key_type / f"{key_type}.pem")
+    root = directory / f"m-{count}"
+    if not root.exists():
+        write_manifests(root, count)
+    times = {}
+    process, url = fresh(directory)
+    try:
+        times["reconciler"] = asyncio.run(reconciler_run(
+            root, directory / f"state-{key_type}-{count}.db", url, signer))
+    finally:
+        process.terminate()
+        process.wait()
+    bodies = payloads(root, signer, count)
+    process, url = fresh(directory)
+    try:
+        times["baseline"] = asyncio.run(send_all(url, bodies, signer))
+    finally:
+        process.terminate()
+        process.wait()
+    signed = [signed_body(signer, body) for body in bodies]
+    process, url = fresh(directory)
+    try:
+        times["transport"] = asyncio.run(send_all(url, signed, None))
+    finally:
+        process.terminate()
+        process.wait()
+    return [key_type, count, f"{times['reconciler']:.2f}", f"{times['baseline']:.2f}",
+            f"{times['transport']:.2f}", f"{count / times['reconciler']:.0f}",
+            f"{times['reconciler'] / times['baseline']:.2f}"]
+
+
+def ceiling(directory: Path) -> str:
+    signer = load_signer(directory / "rsa" / "rsa.pem")
+    root = directory / "m-1000"
+    bodies = [signed_body(signer, b) for b in payloads(root, signer, 1000)] * 3
+    process, url = fresh(directory)
+    try:
+        global CONCURRENCY
+        saved, CONCURRENCY = CONCURRENCY, 64
+        elapsed = asyncio.run(send_all(url, bodies, None))
+        CONCURRENCY = saved
+    finally:
+        process.terminate()
+        process.wait()
+    return f"{len(bodies) / elapsed:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--counts", default="1000,5000,10000")
+    parser.add_argument("--keys", default="rsa,ed25519")
+    args = parser.parse_args()
+    with open(os.devnull, "w") as null:
+        events.configure("json", "info", null)  # events rendered, as in the daemon
+        directory = scratch()
+        for key_type in args.keys.split(","):
+            (directory / key_type).mkdir()
+            key(directory / key_type, key_type)
+        rows = [measure(directory, k, int(n)) for k in args.keys.split(",")
+                for n in args.counts.split(",")]
+        top = ceiling(directory) if "rsa" in args.keys else "-"
+    print(f"Cold sync (seconds; concurrency {CONCURRENCY}); target reconciler/baseline <= 1.3")
+    print(table(["key", "N", "reconciler", "baseline", "transport", "jobs/s", "ratio"], rows))
+    print(f"dev requester ceiling (pre-signed submits, concurrency 64): {top} requests/s")
+
+
+if __name__ == "__main__":
+    main()
