@@ -12,7 +12,8 @@ from reconciler.signing import load_signer, payload_bytes
 
 PAYLOAD = payload_bytes({"APIVersion": "V1beta1", "ClientID": "0" * 64, "Spec": {
     "Engine": "Docker", "Docker": {"Image": "ubuntu:22.04"}, "Deal": {"Concurrency": 1},
-    "PublisherSpec": {"Type": "Ipfs"}, "Annotations": ["reconciler", "reconciler-uid:" + "0" * 32]}})
+    "PublisherSpec": {"Type": "Ipfs"},
+    "Annotations": ["reconciler", "reconciler-uid:" + "0" * 32]}})
 
 
 def rate(key_type: str, seconds: float = 2.0) -> float:
