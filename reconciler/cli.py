@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -333,6 +334,8 @@ def run(config: Path | None, dev: bool, **flags: Any) -> None:
     finally:
         if requester is not None:
             requester.stop()
+            scratch = dev_overrides["key"].parent
+            shutil.rmtree(scratch, ignore_errors=True)  # the throwaway key and store
     sys.exit(code)
 
 

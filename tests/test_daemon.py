@@ -3,10 +3,13 @@ signals and shutdown, sd_notify, metrics and the event stream."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -377,3 +380,27 @@ def test_poll_mode_sees_changes(tmp_path: Path, dev: DevProcess,
     wait_until(lambda: by_name(dev).get("b") == ["New"], timeout=3)
     (root / "a.yaml").unlink()
     wait_until(lambda: by_name(dev).get("a") == ["Cancelled"], timeout=3)
+
+
+def test_run_dev_quick_start(tmp_path: Path) -> None:
+    """The README's first command, minus the install: `reconciler run --dev` in a folder with
+    ./manifests reconciles it against an embedded requester, says so first, cleans up after."""
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "hello.yaml").write_text(envelope("hello"))
+    process = subprocess.Popen([sys.executable, "-m", "reconciler", "--log-format", "json",
+                                "run", "--dev"], cwd=tmp_path, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(json.loads(line))
+        if lines[-1]["event"] == "pass.completed":
+            break
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    process.stderr.close()
+    assert lines[0]["event"] == "dev.started"
+    assert "embedded dev requester" in lines[0]["note"]
+    submitted = [e for e in lines if e["event"] == "job.submitted"]
+    assert [e["name"] for e in submitted] == ["hello"]
+    assert not Path(lines[0]["key"]).exists()  # the throwaway key is gone
