@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +25,17 @@ def key(directory: Path, key_type: str = "rsa") -> Path:
     path = directory / f"{key_type}.pem"
     write_new_key(path, "rsa" if key_type == "rsa" else "ed25519")
     return path
+
+
+@contextmanager
+def requester(directory: Path, *args: str) -> Iterator[str]:
+    """A dev requester process for the duration of a block; yields its URL."""
+    process, url = start_requester(directory, *args)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
 
 
 def start_requester(directory: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -52,15 +65,6 @@ def wait_log(log: Path, event: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {event} in {log}")
         time.sleep(0.1)
-
-
-def rss_of(pid: int) -> int:
-    """Resident set size in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:

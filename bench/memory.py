@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.common import key, rss_of, scratch, start_daemon, start_requester, table, wait_log
+from bench.common import key, scratch, start_daemon, start_requester, table, wait_log
 from bench.world import build
 from reconciler.signing import load_signer
+from tests.reliability.common import rss_kib
 
 
 def measure(count: int) -> list[object]:
@@ -26,7 +27,7 @@ def measure(count: int) -> list[object]:
     try:
         wait_log(log, "pass.completed", timeout=600)
         time.sleep(12)  # past a poll of every live job
-        rss = rss_of(daemon.pid)
+        rss = rss_kib(daemon.pid)
     finally:
         daemon.terminate()
         daemon.wait()
