@@ -31,7 +31,6 @@ from reconciler.plan import PlanPolicy
 from reconciler.reconcile import Reconciler
 from reconciler.signing import Signer, load_signer, signed_body
 from reconciler.source import FolderSource
-from reconciler.spec import to_wire
 from reconciler.state import Store
 from tests.reliability.common import manifest
 
@@ -63,7 +62,7 @@ def payloads(root: Path, signer: Signer, count: int) -> list[dict[str, Any]]:
     for index in range(count):
         path = root / f"c-{index:05d}.yaml"
         [item] = load_file(path.name, path.read_bytes()).manifests
-        spec = to_wire(item.spec)
+        spec = item.wire()
         spec["Annotations"] = job_annotations(item, os.urandom(16).hex())
         out.append({"APIVersion": "V1beta1", "ClientID": signer.client_id, "Spec": spec})
     return out

@@ -14,7 +14,6 @@ from reconciler.devnet.jobs import apply_transforms
 from reconciler.manifest import load_file
 from reconciler.records import Phase, Record
 from reconciler.signing import Signer
-from reconciler.spec import to_wire
 from reconciler.state import Store
 from tests.reliability.common import manifest
 
@@ -29,7 +28,7 @@ def build(directory: Path, count: int, signer: Signer) -> tuple[Path, Path, Path
         (root / f"{name}.yaml").write_text(text)
         [item] = load_file(f"{name}.yaml", text.encode()).manifests
         uid, job_id = f"{index:032x}", str(uuid.uuid4())
-        spec = to_wire(item.spec)
+        spec = item.wire()
         spec["Annotations"] = job_annotations(item, uid)
         records.append(Record(name, Phase.ACTIVE, item.spec_hash, f"{name}.yaml",
                               job_id=job_id, uid=uid, job_state="New", attempts=1))

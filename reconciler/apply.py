@@ -38,7 +38,6 @@ from reconciler.client import (
 from reconciler.manifest import Manifest
 from reconciler.plan import Action, Decision, Plan, PlanPolicy
 from reconciler.records import Phase, Record
-from reconciler.spec import to_wire
 from reconciler.state import Store
 
 INTENT_BATCH = 256
@@ -190,7 +189,7 @@ class Executor:
         *, resolve_unknown: bool = True,
     ) -> None:
         assert intent.uid is not None
-        spec = to_wire(manifest.spec)
+        spec = manifest.wire()
         spec["Annotations"] = [*spec.get("Annotations", []), *job_annotations(manifest, intent.uid)]
         fields = self._fields(intent, reason=reason)
         try:
@@ -309,8 +308,7 @@ class Executor:
         return found
 
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
-        keep, *extra = sorted(jobs, key=lambda j: (j.raw.get("Job", {}).get("Metadata", {})
-                                                   .get("CreatedAt", ""), j.job_id))
+        keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
         adopted = replace(record, phase=phase_of(keep.state), job_id=keep.job_id,
                           job_state=keep.state, last_error=None)
         self._store.save([adopted])

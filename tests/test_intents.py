@@ -12,7 +12,6 @@ from reconciler.client import ApiClient
 from reconciler.manifest import load_file
 from reconciler.records import Phase, Record
 from reconciler.signing import load_signer
-from reconciler.spec import to_wire
 from reconciler.state import Store
 from tests.conftest import DevProcess
 from tests.harness import Harness, envelope
@@ -29,7 +28,7 @@ def leave_intent(h: Harness, name: str, *, submit_too: bool) -> None:
         store.commit_intents([Record(name, Phase.SUBMITTING, manifest.spec_hash,
                                      f"{name}.yaml", uid=UID, attempts=1)])
     if submit_too:
-        spec = to_wire(manifest.spec)
+        spec = manifest.wire()
         spec["Annotations"] = job_annotations(manifest, UID)
 
         async def submit() -> str:

@@ -19,7 +19,7 @@ HASHES = ["a" * 64, "b" * 64]
 
 
 def manifest(name: str, spec_hash: str, path: str, **policy: Any) -> Manifest:
-    return Manifest(name, SPEC, spec_hash, path, policy=Policy.model_validate(policy))
+    return Manifest(name, b"{}", spec_hash, path, policy=Policy.model_validate(policy))
 
 
 @st.composite

@@ -29,7 +29,7 @@ def test_native_examples_load(name: str) -> None:
     result = load_file(name, (EXAMPLES / name).read_bytes())
     assert result.errors == ()
     [manifest] = result.manifests
-    wire = to_wire(manifest.spec)
+    wire = manifest.wire()
     assert wire["PublisherSpec"]["Type"] in {"Noop", "Ipfs", "Estuary", "S3"}
     assert "Publisher" not in wire  # migrated into PublisherSpec, as the CLI does
     assert wire["Deal"]["Concurrency"] >= 1
