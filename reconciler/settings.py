@@ -72,6 +72,8 @@ class Settings(BaseSettings):
                                    "often, events or not.")
     poll_interval: float = Field(10.0, gt=0, description="How often live jobs are listed to "
                                  "record completions, failures and drift.")
+    poll_budget: float = Field(0.005, gt=0, le=1, description="Share of one core polling may "
+                               "use: with many jobs the interval stretches to keep within it.")
     watch: Literal["inotify", "poll"] = Field("inotify", description="poll for NFS and other "
                                               "file systems without inotify.")
     shutdown_deadline: float = Field(10.0, ge=0, description="Seconds in-flight requests get "

@@ -404,3 +404,19 @@ def test_run_dev_quick_start(tmp_path: Path) -> None:
     submitted = [e for e in lines if e["event"] == "job.submitted"]
     assert [e["name"] for e in submitted] == ["hello"]
     assert not Path(lines[0]["key"]).exists()  # the throwaway key is gone
+
+
+def test_polling_stays_within_its_cpu_budget(tmp_path: Path, rsa_key: Path) -> None:
+    from reconciler.daemon import Daemon
+    from reconciler.settings import load_settings
+    from reconciler.signing import load_signer
+    from reconciler.state import Store
+
+    settings = load_settings(None, manifests=tmp_path, poll_interval=10.0, poll_budget=0.005)
+    with Store(tmp_path / "s.db") as store:
+        daemon = Daemon(settings, load_signer(rsa_key), store)
+        assert daemon._poll_delay() == 10.0  # a cheap poll keeps the interval
+        daemon._poll_cost = 0.2  # a list of 10,000 jobs
+        assert daemon._poll_delay() == pytest.approx(40.0)
+        daemon._poll_cost, daemon._observe_failures = 0.0, 3  # requester unreachable
+        assert daemon._poll_delay() == 80.0
