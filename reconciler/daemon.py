@@ -83,6 +83,7 @@ class Daemon:
         self._source = settings.source()
         self._git = self._source if isinstance(self._source, GitSource) else None
         self._reconciler = Reconciler(self._source, store, self._policy())
+        self._reconciler.removal_grace = settings.debounce
         self._fetch_failures = 0
         self._fetch_requested = False
         self._observe_failures = 0
@@ -230,10 +231,14 @@ class Daemon:
         """
         if not await self._guarded_pass():
             return _RETRY_AFTER_FAILED_PASS
+        delay = self.settings.resync_interval
         result = self._last_result
         if result is not None and result.plan.changes:
-            return min(self.settings.resync_interval, _SETTLE_AFTER_CHANGES)
-        return self.settings.resync_interval
+            delay = min(delay, _SETTLE_AFTER_CHANGES)
+        check = self._reconciler.next_removal_check()
+        if check is not None:  # a removal waiting out its grace period: look again then
+            delay = min(delay, max(0.0, check - time.monotonic()) + 0.01)
+        return delay
 
     async def _guarded_pass(self) -> bool:
         """Run one pass; a failure is logged and reported, never the end of the loop."""

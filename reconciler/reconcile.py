@@ -15,7 +15,8 @@ import structlog
 from reconciler.apply import ApplyReport, Executor
 from reconciler.desired import Desired, collect
 from reconciler.plan import Action, Plan, PlanPolicy, plan
-from reconciler.source import Source
+from reconciler.records import Record
+from reconciler.source import Snapshot, Source
 from reconciler.state import Store, StoredPolicy
 
 
@@ -64,13 +65,36 @@ class Reconciler:
         self._clock = clock
         self._log = structlog.get_logger("reconciler")
         self._reported: set[str] = set()
+        #: A recorded file must stay missing this long before its job counts as removed: a
+        #: save may unlink and recreate a file, and its events can reach the daemon after the
+        #: read that saw it missing. The daemon sets it; one-shot commands have one read only.
+        self.removal_grace = 0.0
+        self._missing_since: dict[str, float] = {}
 
     def plan(
         self, policy: PlanPolicy | None = None, settling: frozenset[str] = frozenset()
     ) -> tuple[Desired, Plan]:
         """Read and plan, without side effects (works offline)."""
-        desired = replace(collect(self.source.read()), settling=settling)
-        return desired, plan(desired, self.store.records(), policy or self.policy, self._clock())
+        snapshot = self.source.read()
+        records = self.store.records()
+        settling = settling | self._recently_missing(snapshot, records)
+        desired = replace(collect(snapshot), settling=settling)
+        return desired, plan(desired, records, policy or self.policy, self._clock())
+
+    def _recently_missing(self, snapshot: Snapshot, records: list[Record]) -> frozenset[str]:
+        if not self.removal_grace or not snapshot.ready:
+            return frozenset()
+        now = time.monotonic()
+        missing = {r.path for r in records if r.path not in snapshot.files}
+        self._missing_since = {p: self._missing_since.get(p, now) for p in missing}
+        return frozenset(p for p, since in self._missing_since.items()
+                         if now - since < self.removal_grace)
+
+    def next_removal_check(self) -> float | None:
+        """When the earliest still-young removal matures (monotonic), if any."""
+        young = [since + self.removal_grace for since in self._missing_since.values()
+                 if since + self.removal_grace > time.monotonic()]
+        return min(young, default=None)
 
     async def run_pass(
         self, executor: Executor | None, settling: frozenset[str] = frozenset()

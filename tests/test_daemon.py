@@ -420,3 +420,29 @@ def test_polling_stays_within_its_cpu_budget(tmp_path: Path, rsa_key: Path) -> N
         assert daemon._poll_delay() == pytest.approx(40.0)
         daemon._poll_cost, daemon._observe_failures = 0.0, 3  # requester unreachable
         assert daemon._poll_delay() == 80.0
+
+
+def test_a_removal_must_outlast_the_settle_period(tmp_path: Path) -> None:
+    """Deterministic form of the race CI found: the read that sees a file missing may come
+    before the daemon hears of the unlink; the removal only counts once it has lasted."""
+    from reconciler.plan import Action, PlanPolicy
+    from reconciler.reconcile import Reconciler
+    from reconciler.records import Phase, Record
+    from reconciler.source import FolderSource
+    from reconciler.state import Store
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.yaml").write_text(envelope("keep"))
+    with Store(tmp_path / "s.db") as store:
+        store.commit_intents([Record("a", Phase.ACTIVE, "h" * 64, "a.yaml", job_id="j")])
+        reconciler = Reconciler(FolderSource(tmp_path / "m"), store, PlanPolicy())
+        reconciler.removal_grace = 0.2
+        _, first = reconciler.plan()
+        assert {d.name: d.action for d in first.decisions}["a"] is Action.WAIT
+        assert reconciler.next_removal_check() is not None
+        time.sleep(0.25)
+        _, later = reconciler.plan()
+        assert {d.name: d.action for d in later.decisions}["a"] is Action.CANCEL
+        reconciler.removal_grace = 0.0  # one-shot commands: one read is all they have
+        _, once = Reconciler(FolderSource(tmp_path / "m"), store, PlanPolicy()).plan()
+        assert {d.name: d.action for d in once.decisions}["a"] is Action.CANCEL
