@@ -35,7 +35,9 @@ def test_steady_changes_under_load(tmp_path: Path, dev_factory: Callable[..., De
         load_started = time.monotonic()
         passes_before = len(daemon.named("pass.completed"))
         for second in range(minutes * 60):
-            for name in rng.sample(sorted(wanted), per_minute // 60):
+            # exactly per_minute a minute, the remainder spread over the seconds
+            due = per_minute * (second + 1) // 60 - per_minute * second // 60
+            for name in rng.sample(sorted(wanted), due):
                 version += 1
                 wanted[name] = f"img:{version}"
                 tmp = root / f".{name}.tmp"
