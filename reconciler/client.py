@@ -57,9 +57,6 @@ __all__ = [
     "Unreachable",
 ]
 
-TERMINAL_STATES = frozenset({"Completed", "Error", "Cancelled"})
-
-
 class RequesterError(Exception):
     """Base of every error raised by this module."""
 
@@ -137,10 +134,6 @@ class JobInfo:
     client_id: str
     annotations: tuple[str, ...]
     created_at: str = ""  # only what the reconciler needs: a list of 10,000 jobs is 45 MB
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
 
     @classmethod
     def from_wire(cls, item: Mapping[str, Any]) -> JobInfo:

@@ -20,7 +20,6 @@ that name, so the planner holds its job even if the file moved.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +31,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from reconciler.approval import ApprovalPolicy
-from reconciler.spec import Spec, canonical_json, canonical_keys, parse_spec, to_wire
+from reconciler.spec import (
+    Spec,
+    canonical_json,
+    canonical_keys,
+    hash_wire,
+    parse_spec,
+    wire_json,
+)
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -130,8 +136,8 @@ class Manifest:
     @classmethod
     def of(cls, name: str, spec: Spec, path: str, line: int = 1,
            labels: Mapping[str, str] | None = None, policy: Policy | None = None) -> Manifest:
-        wire = canonical_json(to_wire(spec))
-        return cls(name, wire, hashlib.sha256(wire).hexdigest(), path, line, labels or {},
+        wire = wire_json(spec)
+        return cls(name, wire, hash_wire(wire), path, line, labels or {},
                    DEFAULT_POLICY if policy is None or policy == DEFAULT_POLICY else policy)
 
     def wire(self) -> dict[str, Any]:
@@ -338,7 +344,7 @@ def _read_policy(path: str, doc: _Document, value: dict[Any, Any]) -> PolicyMani
     if not is_manifest_name(name):
         return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
     body = canonical_json(envelope.spec.model_dump(mode="json", by_alias=True))
-    return PolicyManifest(name, envelope.spec, hashlib.sha256(body).hexdigest(), path, doc.line)
+    return PolicyManifest(name, envelope.spec, hash_wire(body), path, doc.line)
 
 
 def _read_native(

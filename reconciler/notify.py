@@ -21,10 +21,6 @@ class Notifier:
         self.watchdog_interval = _watchdog_interval(env)
         self._log = structlog.get_logger("reconciler.notify")
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def send(self, *fields: str) -> bool:
         if self._address is None:
             return False

@@ -115,7 +115,7 @@ def split_at_link(root: Path) -> tuple[Path | None, Path]:
 def _read_link(path: Path) -> str | None:
     try:
         return os.readlink(path)
-    except (FileNotFoundError, OSError):
+    except OSError:
         return None
 
 

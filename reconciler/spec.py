@@ -57,9 +57,11 @@ __all__ = [
     "StorageSpec",
     "ValidationError",
     "canonical_json",
+    "hash_wire",
     "parse_spec",
     "spec_hash",
     "to_wire",
+    "wire_json",
 ]
 
 
@@ -370,6 +372,15 @@ def canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def wire_json(spec: Spec) -> bytes:
+    """The canonical bytes of the Spec's wire form: what its hash is taken over."""
+    return canonical_json(to_wire(spec))
+
+
+def hash_wire(wire: bytes) -> str:
+    """SHA-256 of canonical wire JSON: reformatting a file never changes it."""
+    return hashlib.sha256(wire).hexdigest()
+
+
 def spec_hash(spec: Spec) -> str:
-    """SHA-256 of the canonical wire JSON: reformatting a file never changes it."""
-    return hashlib.sha256(canonical_json(to_wire(spec))).hexdigest()
+    return hash_wire(wire_json(spec))

@@ -213,13 +213,6 @@ class Store:
             self._cache = {r.name: r for r in records}
         return records
 
-    def get(self, name: str) -> Record | None:
-        if self._cache is not None:
-            return self._cache.get(name)
-        with _translated(self.path):
-            row = self._db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
-        return _record(row) if row else None
-
     def check(self) -> str:
         """``PRAGMA quick_check``: "ok" or the first problem found."""
         with _translated(self.path):
