@@ -109,7 +109,8 @@ class Reconciler:
         self._log.info(
             "pass.completed", state=result.overall, revision=the_plan.revision,
             manifests=len(desired.manifests), held=result.held, errors=len(desired.errors),
-            changes=len(the_plan.changes), outcomes=dict(report.counts),
+            changes=len(the_plan.changes), waiting=len(the_plan.by_action(Action.WAIT)),
+            outcomes=dict(report.counts),
             duration_ms=round(result.duration * 1000, 1),
         )
         return result

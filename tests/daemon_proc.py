@@ -55,6 +55,12 @@ class DaemonProcess:
         tail = "".join(self.raw[-30:])
         raise AssertionError(f"timed out waiting for {what}; daemon output tail:\n{tail}")
 
+    def quiet(self) -> bool:
+        """A pass that changed nothing and deferred nothing: the daemon has converged. A pass
+        with only deferred decisions (a removal in its grace period) is not quiet."""
+        return any(e.get("changes") == 0 and e.get("waiting") == 0
+                   for e in self.named("pass.completed"))
+
     def wait_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[Event]:
         return self.wait_for(lambda: len(self.named(name)) >= count and self.named(name),
                              timeout, f"{count} x {name}")

@@ -201,8 +201,7 @@ def test_sigterm_mid_sync_then_restart_has_no_duplicates(
     second = DaemonProcess(args, env)
     try:
         wait_until(lambda: len(dev.jobs()) >= 500, timeout=60)
-        second.wait_for(lambda: any(e.get("changes") == 0 for e in
-                                    second.named("pass.completed")), 30, "a quiet pass")
+        second.wait_for(second.quiet, 30, "a quiet pass")
     finally:
         second.stop()
     jobs = by_name(dev)
@@ -228,8 +227,7 @@ def test_second_signal_exits_at_once_and_the_store_survives(
     second = DaemonProcess(args)
     try:
         wait_until(lambda: len(by_name(dev)) == 40, timeout=60)
-        second.wait_for(lambda: any(e.get("changes") == 0 for e in
-                                    second.named("pass.completed")), 30, "a quiet pass")
+        second.wait_for(second.quiet, 30, "a quiet pass")
     finally:
         second.stop()
     assert all(states == ["New"] for states in by_name(dev).values())
@@ -341,7 +339,7 @@ def test_metrics_health_and_events(tmp_path: Path, dev: DevProcess,
     [invalid] = daemon.named("manifest.invalid")
     assert invalid["path"] == "bad.yaml" and invalid["field"] == "metadata"
     [completed] = daemon.named("pass.completed")[:1]
-    assert {"state", "duration_ms", "manifests", "held", "changes"} <= set(completed)
+    assert {"state", "duration_ms", "manifests", "held", "changes", "waiting"} <= set(completed)
 
 
 def test_requester_down_then_back(tmp_path: Path, dev_factory: Callable[..., DevProcess],

@@ -12,14 +12,12 @@ from pathlib import Path
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import audit, figures, manifest, seeded, size
-from tests.test_daemon import wait_until
 
 
 def converge(args: list[str], timeout: float = 180) -> tuple[DaemonProcess, float]:
     started = time.monotonic()
     daemon = DaemonProcess(args)
-    daemon.wait_for(lambda: any(e.get("changes") == 0 for e in daemon.named("pass.completed")),
-                    timeout, "a quiet pass")
+    daemon.wait_for(daemon.quiet, timeout, "a quiet pass")
     return daemon, time.monotonic() - started
 
 
@@ -61,7 +59,6 @@ def test_kill9_anywhere(tmp_path: Path, dev_factory: Callable[..., DevProcess],
                       len(daemon.named("job.cancelled"))))
     daemon, recovery = converge(args)
     daemon.stop()
-    wait_until(lambda: True)
     result = audit(dev.jobs(), wanted)
     figures("kill9", manifests=len(wanted), trials=trials, duplicates=result.duplicates,
             lost=result.lost, wrongful_cancels=result.wrongful_cancels, stale=result.stale,
