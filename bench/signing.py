@@ -27,7 +27,7 @@ def rate(key_type: str, seconds: float = 2.0) -> float:
 
 
 def main() -> None:
-    rows = [[k, f"{rate(k):,.0f}"] for k in ("rsa", "ed25519")]
+    rows: list[list[object]] = [[k, f"{rate(k):,.0f}"] for k in ("rsa", "ed25519")]
     print(f"Signatures per second, one core, {len(PAYLOAD)}-byte payload")
     print(table(["key", "signatures/s"], rows))
 

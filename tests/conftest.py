@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,7 +56,7 @@ class DevProcess:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def jobs(self, **request: object) -> list[dict[str, object]]:
+    def jobs(self, **request: object) -> list[dict[str, Any]]:
         """What the requester recorded: every client's jobs, straight from its list route."""
         body = {"return_all": True, "max_jobs": 0, **request}
         reply = httpx.post(self.url + "/devnet/jobs", json=body, timeout=10)

@@ -20,6 +20,7 @@ Event = dict[str, Any]
 class DaemonProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "reconciler", "--log-format", "json", "run", *args]
+        self.args = args
         environment = {**os.environ, "RECONCILER_RESOLVE_DELAY": "0.05", **(env or {})}
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env=environment)
@@ -62,8 +63,8 @@ class DaemonProcess:
                    for e in self.named("pass.completed"))
 
     def wait_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[Event]:
-        return self.wait_for(lambda: len(self.named(name)) >= count and self.named(name),
-                             timeout, f"{count} x {name}")
+        self.wait_for(lambda: len(self.named(name)) >= count, timeout, f"{count} x {name}")
+        return self.named(name)
 
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)

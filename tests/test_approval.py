@@ -117,7 +117,7 @@ def test_probe_flow_end_to_end(tmp_path: Path, dev_factory: Callable[..., DevPro
                                        f"127.0.0.1:{port}"))
     try:
         def states() -> dict[str, tuple[str, str]]:
-            out = {}
+            out: dict[str, tuple[str, str]] = {}
             for job in dev.jobs():
                 tags = [t for t in job["Job"]["Spec"]["Annotations"]
                         if t.startswith("reconciler-manifest:")]

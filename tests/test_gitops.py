@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,8 +98,8 @@ def test_jobs_follow_commits(repo: Repo, dev: DevProcess,
     assert by_name(dev)["c"] == ["New"]  # held: a broken commit cancels nothing
 
     status = subprocess.run(
-        [*daemon.process.args[:3], "status", "--json", "--state",
-         str(Path(daemon.process.args[daemon.process.args.index("--state") + 1])),
+        [sys.executable, "-m", "reconciler", "status", "--json", "--state",
+         daemon.args[daemon.args.index("--state") + 1],
          "--git-url", str(repo.origin), "--git-path", "jobs"],
         capture_output=True, text=True)
     assert status.returncode == 0, status.stderr

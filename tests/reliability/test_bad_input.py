@@ -142,6 +142,16 @@ def test_files_vanishing_mid_read_never_drop_stable_files(tmp_path: Path) -> Non
     figures("bad-input-vanishing", reads=reads, partial_listings=0)
 
 
+def replace_with_self_link(path: Path) -> None:
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+def replace_with_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 def test_a_folder_of_bad_files_holds_every_job(tmp_path: Path, dev: DevProcess,
                                                rsa_key: Path) -> None:
     rng = seeded("bad-input-folder")
@@ -153,7 +163,7 @@ def test_a_folder_of_bad_files_holds_every_job(tmp_path: Path, dev: DevProcess,
     daemon = DaemonProcess(daemon_args(root, tmp_path / "state.db", dev.url, rsa_key))
     try:
         wait_until(lambda: len(by_name(dev)) == 16)
-        nasty: list[Callable[[Path], None]] = [
+        nasty: list[Callable[[Path], object]] = [
             lambda p: p.write_bytes(os.urandom(4096)),
             lambda p: p.write_bytes(b"\xff\xfe\x00bad"),
             lambda p: p.write_bytes(mutate(rng, VALID).replace(b"base", p.stem.encode())[:40]),
@@ -162,8 +172,8 @@ def test_a_folder_of_bad_files_holds_every_job(tmp_path: Path, dev: DevProcess,
                 for q, c in zip("abcdefgh", "bcdefghi", strict=True))),
             lambda p: p.write_text("[" * 100000),
             lambda p: p.write_text(manifest(p.stem, "x" * (2 * 2**20))),
-            lambda p: (p.unlink(), os.symlink(p.name, p)),
-            lambda p: (p.unlink(), p.mkdir()),
+            replace_with_self_link,
+            replace_with_folder,
             lambda p: p.write_text(manifest(p.stem, "img").replace("engine: docker",
                                                                    "engine: 3")),
         ]
