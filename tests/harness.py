@@ -37,6 +37,8 @@ class Harness:
     dev: DevProcess
     key: Path
     env: dict[str, str] = field(default_factory=dict)
+    #: Runs the CLI through this (e.g. ``setpriv`` to an unprivileged user).
+    prefix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.root = self.tmp / "manifests"
@@ -61,8 +63,8 @@ class Harness:
         if args[0] == "validate":
             command = [sys.executable, "-m", "reconciler", "validate", str(self.root)]
         environment = {**os.environ, "RECONCILER_RESOLVE_DELAY": "0.05", **self.env, **(env or {})}
-        return subprocess.run(command, capture_output=True, text=True, env=environment,
-                              timeout=120)
+        return subprocess.run([*self.prefix, *command], capture_output=True, text=True,
+                              env=environment, timeout=120)
 
     def apply(self, *args: str, expect: int | None = 0) -> subprocess.CompletedProcess[str]:
         result = self.cli("apply", *args)

@@ -6,8 +6,13 @@ Every case asserts on the requester's own job list, not only on our store.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -159,14 +164,46 @@ def test_unreadable_files_hold_their_jobs(h: Harness) -> None:
     assert reasons["b.yaml"] == "symbolic link to nothing"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file whatever its mode")
-def test_permission_denied_holds(h: Harness) -> None:
+@pytest.fixture
+def unprivileged(tmp_path: Path, dev: DevProcess, rsa_key: Path) -> Iterator[Harness]:
+    """A harness whose commands run as ``nobody`` when the tests run as root: root reads any
+    file whatever its mode, so an unreadable manifest can only be staged for another user."""
+    if os.geteuid() != 0:
+        yield Harness(tmp_path, dev, rsa_key)
+        return
+    user = pwd.getpwnam("nobody")
+    prefix = ("setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups")
+    if shutil.which("setpriv") is None or subprocess.run(
+            [*prefix, sys.executable, "-c", "import reconciler"], capture_output=True).returncode:
+        pytest.skip("cannot run this checkout's Python as nobody")
+    home = Path(tempfile.mkdtemp(prefix="reconciler-unprivileged-"))
+    key = home / "key.pem"
+    shutil.copy(rsa_key, key)
+    for path in (home, key):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    try:
+        yield Harness(home, dev, key, prefix=prefix)
+    finally:
+        shutil.rmtree(home)
+
+
+def test_permission_denied_holds(unprivileged: Harness) -> None:
+    h = unprivileged
     h.write("a.yaml", envelope("a"))
-    h.write("b.yaml", envelope("b"))
+    h.write("b.yaml", envelope("b", "alpine:3"))
     h.apply()
     (h.root / "a.yaml").chmod(0)
-    h.apply()
-    assert h.states("a") == ["New"]
+    (h.root / "b.yaml").chmod(0o644)
+    h.write("b.yaml", envelope("b", "alpine:3.20"))
+    result = h.apply()
+    assert "a.yaml:1: file: cannot read (Permission denied)" in result.stdout, result.stdout
+    assert result.stdout.splitlines()[-1].startswith("degraded; 1 manifests; 1 held")
+    events = h.events(result)
+    assert [e["name"] for e in events if e.get("event") == "manifest.hold"] == ["a"]
+    [invalid] = [e for e in events if e.get("event") == "manifest.invalid"]
+    assert invalid["path"] == "a.yaml" and "ermission denied" in invalid["reason"], invalid
+    assert h.states("a") == ["New"]  # unreadable: held, not cancelled
+    assert sorted(h.states("b")) == ["Cancelled", "New"]  # the other file still reconciles
 
 
 def test_mass_removal_is_blocked_then_allowed_once(h: Harness) -> None:
