@@ -55,6 +55,23 @@ def job_annotations(manifest: Manifest, uid: str) -> list[str]:
     ]
 
 
+async def jobs_by_uid(
+    requester: Requester, uids: Sequence[str], batch: int = 500
+) -> dict[str, list[JobInfo]]:
+    """Our jobs carrying any of these uids, by uid. Asked ``batch`` uids at a time, so a reply
+    holds only the jobs asked about, however many ended jobs the requester keeps."""
+    found: dict[str, list[JobInfo]] = {}
+    wanted = set(uids)
+    for start in range(0, len(uids), batch):
+        tags = [UID_TAG + uid for uid in uids[start : start + batch]]
+        for job in await requester.list_jobs(include_tags=tags):
+            for tag in job.annotations:
+                uid = tag.removeprefix(UID_TAG)
+                if tag.startswith(UID_TAG) and uid in wanted:
+                    found.setdefault(uid, []).append(job)
+    return found
+
+
 def phase_of(state: str) -> Phase:
     return JOB_PHASES.get(state, Phase.ACTIVE)
 
@@ -282,7 +299,7 @@ class Executor:
             if attempt:
                 await asyncio.sleep(self._resolve_delay * attempt)
             try:
-                found = await self._lookup(list(waiting))
+                found = await jobs_by_uid(self._requester, list(waiting))
             except RequesterError as exc:
                 for record, _ in waiting.values():
                     self._failed(record, "lookup", exc, report)
@@ -294,18 +311,6 @@ class Executor:
                 return
         for record, manifest in waiting.values():
             await self._after_confirmed_absence(record, manifest, report)
-
-    async def _lookup(self, uids: Sequence[str]) -> dict[str, list[JobInfo]]:
-        found: dict[str, list[JobInfo]] = {}
-        wanted = set(uids)
-        for start in range(0, len(uids), 500):
-            tags = [UID_TAG + uid for uid in uids[start : start + 500]]
-            for job in await self._requester.list_jobs(include_tags=tags):
-                for tag in job.annotations:
-                    uid = tag.removeprefix(UID_TAG)
-                    if tag.startswith(UID_TAG) and uid in wanted:
-                        found.setdefault(uid, []).append(job)
-        return found
 
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
         keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))

@@ -1,8 +1,11 @@
 """Observing live jobs: record completions, failures, drift and loss in the store.
 
-One ``list`` by our client id covers every live job. A job missing from that list is asked
-about by id (``states``), because an empty or short list is not proof of absence (CONTRACT
-1.3); only an explicit "not found" marks it ``lost``. The planner then decides what follows
+Active jobs are listed by their uid annotations, 500 to a request, so a reply holds only the
+jobs asked about: one list of all our jobs grew with every replaced or ended job the requester
+keeps (10,000 manifests after 10,000 changes: 20,000 jobs, ~22 MB of JSON and a 60 MB RSS peak
+per poll). A job missing from the lists is asked about by id (``states``), because an empty or
+short list is not proof of absence (CONTRACT 1.3); only an explicit "not found" marks it
+``lost``. The planner then decides what follows
 (resubmit or not, by the manifest's policy).
 """
 
@@ -15,7 +18,7 @@ from dataclasses import replace
 
 import structlog
 
-from reconciler.apply import phase_of
+from reconciler.apply import jobs_by_uid, phase_of
 from reconciler.client import JobInfo, NotFound, Requester, RequesterError
 from reconciler.plan import PlanPolicy
 from reconciler.records import Phase, Record
@@ -36,7 +39,8 @@ async def observe(
     active = [r for r in store.records() if r.phase is Phase.ACTIVE and r.job_id]
     if not active:
         return Counter()
-    listed = {job.job_id: job for job in await requester.list_jobs()}
+    found = await jobs_by_uid(requester, [r.uid for r in active if r.uid])
+    listed = {job.job_id: job for jobs in found.values() for job in jobs}
     updates: list[Record] = []
     counts: Counter[str] = Counter()
     for record in active:

@@ -32,6 +32,11 @@ class PassResult:
         return len(self.plan.by_action(Action.HOLD))
 
     @property
+    def waiting(self) -> int:
+        """Decisions deferred to a later pass (settling files, removal grace, backoff)."""
+        return len(self.plan.by_action(Action.WAIT))
+
+    @property
     def overall(self) -> str:
         """``ready``, ``degraded`` (held manifests or failed actions) or ``not ready``."""
         if not self.plan.ready:
@@ -43,6 +48,8 @@ class PassResult:
     def summary(self) -> str:
         changes = ", ".join(f"{k} {v}" for k, v in sorted(self.report.counts.items()))
         parts = [self.overall, f"{len(self.desired.manifests)} manifests", f"{self.held} held"]
+        if self.waiting:
+            parts.append(f"{self.waiting} waiting")
         if self.plan.revision:
             parts.append(f"revision {self.plan.revision}")
         if changes:
@@ -109,7 +116,7 @@ class Reconciler:
         self._log.info(
             "pass.completed", state=result.overall, revision=the_plan.revision,
             manifests=len(desired.manifests), held=result.held, errors=len(desired.errors),
-            changes=len(the_plan.changes), waiting=len(the_plan.by_action(Action.WAIT)),
+            changes=len(the_plan.changes), waiting=result.waiting,
             outcomes=dict(report.counts),
             duration_ms=round(result.duration * 1000, 1),
         )

@@ -444,3 +444,26 @@ def test_a_removal_must_outlast_the_settle_period(tmp_path: Path) -> None:
         reconciler.removal_grace = 0.0  # one-shot commands: one read is all they have
         _, once = Reconciler(FolderSource(tmp_path / "m"), store, PlanPolicy()).plan()
         assert {d.name: d.action for d in once.decisions}["a"] is Action.CANCEL
+
+
+def test_a_file_removed_while_stopped_is_cancelled_after_its_grace(
+    tmp_path: Path, dev: DevProcess, started: Callable[..., DaemonProcess]
+) -> None:
+    """After a restart the first pass defers the cancel of a file removed meanwhile (it says
+    so: ``waiting``), then cancels it once the settle period has passed, unprompted."""
+    root = tmp_path / "manifests"
+    root.mkdir()
+    for name in ("keep", "gone"):
+        (root / f"{name}.yaml").write_text(envelope(name))
+    first = started(dev)
+    first.wait_for(first.quiet, what="a quiet pass")
+    first.stop()
+    (root / "gone.yaml").unlink()
+    second = started(dev, env={"RECONCILER_DEBOUNCE": "0.5"})
+    second.wait_for(second.quiet, what="a quiet pass")
+    passes = second.named("pass.completed")
+    assert (passes[0]["changes"], passes[0]["waiting"]) == (0, 1)
+    cancelled = second.named("job.cancelled")
+    assert [e["name"] for e in cancelled] == ["gone"]
+    assert cancelled[0]["timestamp"] >= passes[0]["timestamp"]
+    assert by_name(dev) == {"keep": ["New"], "gone": ["Cancelled"]}
