@@ -21,7 +21,9 @@ from tests.conftest import DevProcess
 class CountingClient(ApiClient):
     """The real client, counting the jobs each list reply carried."""
 
-    listed: Counter[str]
+    def __init__(self, url: str, signer: Signer) -> None:
+        super().__init__(url, signer, timeout=5)
+        self.listed: Counter[str] = Counter()
 
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
@@ -43,8 +45,8 @@ def test_a_poll_fetches_only_the_active_jobs(
                                    "Annotations": [UID_TAG + uid]}))
 
     async def scenario() -> tuple[Counter[str], Counter[str], list[str]]:
-        async with CountingClient(dev.url, signer, timeout=5) as client:
-            client.listed = Counter()
+        client = CountingClient(dev.url, signer)
+        async with client:
             for index in range(30):  # history: our own jobs, ended long ago
                 await client.cancel(await client.submit(spec(f"old{index}")), "replaced")
             active = [await client.submit(spec(f"live{index}")) for index in range(3)]
