@@ -5,8 +5,7 @@ jobs asked about: one list of all our jobs grew with every replaced or ended job
 keeps (10,000 manifests after 10,000 changes: 20,000 jobs, ~22 MB of JSON and a 60 MB RSS peak
 per poll). A job missing from the lists is asked about by id (``states``), because an empty or
 short list is not proof of absence (CONTRACT 1.3); only an explicit "not found" marks it
-``lost``. The planner then decides what follows
-(resubmit or not, by the manifest's policy).
+``lost``. The planner then decides what follows (resubmit or not, by the manifest's policy).
 """
 
 from __future__ import annotations
