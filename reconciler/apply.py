@@ -42,6 +42,9 @@ from reconciler.state import Store
 
 INTENT_BATCH = 256
 UID_TAG = "reconciler-uid:"
+
+#: An intent in doubt, its manifest (None once removed), and what follows a confirmed absence.
+Pending = tuple[Record, Manifest | None, Action]
 JOB_PHASES = {"Completed": Phase.COMPLETED, "Error": Phase.FAILED, "Cancelled": Phase.CANCELLED}
 
 
@@ -216,7 +219,7 @@ class Executor:
             report.count("submit.unknown")
             self._store.save([replace(intent, last_error=str(exc))])
             if resolve_unknown:  # once per pass: a second doubt waits for the next pass
-                await self._resolve_records([(intent, manifest)], report)
+                await self._resolve_records([(intent, manifest, Action.RESUBMIT)], report)
             return
         except RequesterError as exc:
             self._failed(intent, "submit", exc, report)
@@ -286,31 +289,31 @@ class Executor:
     # --- resolving intents without a job id -------------------------------------------------
 
     async def _resolve(self, decisions: Sequence[Decision], report: ApplyReport) -> None:
-        pairs = [(d.record, d.manifest) for d in decisions if d.record is not None]
-        await self._resolve_records(pairs, report)
+        pending: list[Pending] = []
+        for d in decisions:
+            assert d.record is not None and d.if_absent is not None  # the planner says both
+            pending.append((d.record, d.manifest, d.if_absent))
+        await self._resolve_records(pending, report)
 
-    async def _resolve_records(
-        self, pending: Iterable[tuple[Record, Manifest | None]], report: ApplyReport
-    ) -> None:
-        """Adopt the job of each intent by its uid, or submit it again once its absence was
-        confirmed ``confirmations`` times."""
-        waiting = {record.uid: (record, manifest) for record, manifest in pending if record.uid}
+    async def _resolve_records(self, pending: Iterable[Pending], report: ApplyReport) -> None:
+        """Adopt the job of each intent by its uid; once its absence was confirmed
+        ``confirmations`` times, do what the plan said should follow."""
+        waiting = {item[0].uid: item for item in pending if item[0].uid}
         for attempt in range(self._confirmations):
             if attempt:
                 await asyncio.sleep(self._resolve_delay * attempt)
             try:
                 found = await jobs_by_uid(self._requester, list(waiting))
             except RequesterError as exc:
-                for record, _ in waiting.values():
+                for record, _, _ in waiting.values():
                     self._failed(record, "lookup", exc, report)
                 return
             for uid, jobs in found.items():
-                record, _ = waiting.pop(uid)
-                await self._adopt(record, jobs, report)
+                await self._adopt(waiting.pop(uid)[0], jobs, report)
             if not waiting:
                 return
-        for record, manifest in waiting.values():
-            await self._after_confirmed_absence(record, manifest, report)
+        for item in waiting.values():
+            await self._after_confirmed_absence(*item, report)
 
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
         keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
@@ -326,14 +329,15 @@ class Executor:
                 self._log.warning("job.duplicate_cancelled", **self._fields(cancel))
 
     async def _after_confirmed_absence(
-        self, record: Record, manifest: Manifest | None, report: ApplyReport
+        self, record: Record, manifest: Manifest | None, then: Action, report: ApplyReport
     ) -> None:
         reason = f"uid {record.uid} not found after {self._confirmations} lookups"
-        if manifest is None:
+        if then is Action.FORGET:
             self._store.forget([record.name])
             self._log.info("job.forgotten", **self._fields(record), reason=reason)
             report.count("resolve.forgotten")
             return
+        assert manifest is not None  # the planner resubmits only a manifest that is there
         intent = self._submit_intent(manifest, record, record.revision, uid=record.uid or "")
         self._store.commit_intents([intent])
         report.count("resolve.resubmitted")

@@ -13,7 +13,8 @@ The rules (``docs/design.md`` has the table):
 * a manifest that is broken, unreadable or claimed twice is **held**: nothing is cancelled or
   replaced, whatever the store says;
 * an intent without a job id (a crash, a lost reply) is resolved by looking up its uid before
-  anything is resubmitted;
+  anything is resubmitted; the decision names what follows a confirmed absence (``if_absent``:
+  submit again under the same uid while the manifest is there, forget it once it is gone);
 * a failed job is resubmitted only when its policy says so, with backoff and a cap.
 
 Guards: a source that is not ready (missing, unreadable, or empty without ``allow_empty``)
@@ -84,6 +85,8 @@ class Decision:
     job_id: str | None = None
     manifest: Manifest | None = field(default=None, repr=False)
     record: Record | None = field(default=None, repr=False)
+    #: For ``resolve``: what the executor does once the uid is confirmed absent.
+    if_absent: Action | None = None
 
     @property
     def is_change(self) -> bool:
@@ -204,8 +207,10 @@ def _decide_present(
         return decision(Action.SUBMIT, "new manifest")
     same = record.spec_hash == manifest.spec_hash
     if record.phase is Phase.SUBMITTING:
-        return decision(Action.RESOLVE, f"submission {record.uid} has no job id yet "
-                        "(crash or lost reply): look it up by its uid before anything else")
+        return replace(decision(Action.RESOLVE, f"submission {record.uid} has no job id yet "
+                                "(crash or lost reply): adopt the job its uid finds, or submit "
+                                "it again under the same uid once it is confirmed absent"),
+                       if_absent=Action.RESUBMIT)
     if record.phase in (Phase.ACTIVE, Phase.CANCELLING):
         outcome = _decide_live(manifest, record, same, decision)
     elif not same:
@@ -274,8 +279,10 @@ def _decide_removed(record: Record) -> Decision:
         return Decision(record.name, action, reason, record.path, record.job_id, record=record)
 
     if record.phase is Phase.SUBMITTING:
-        return decision(Action.RESOLVE, "manifest removed while its submission is in doubt: "
-                        "look it up first, cancel after")
+        return replace(decision(Action.RESOLVE, "manifest removed while its submission is in "
+                                "doubt: adopt the job its uid finds (cancelled next pass), or "
+                                "forget it once it is confirmed absent"),
+                       if_absent=Action.FORGET)
     if record.phase in LIVE_PHASES:
         if record.on_remove == "orphan":
             return decision(Action.FORGET, "manifest removed; onRemove=orphan leaves the job "

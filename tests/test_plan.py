@@ -166,3 +166,25 @@ def test_a_name_whose_old_file_is_broken_is_held_even_if_claimed_elsewhere() -> 
                       broken=frozenset({"a.yaml"}), file_count=2)
     [decision] = plan(desired, records, PlanPolicy(), 0).decisions
     assert decision.action is Action.HOLD and "may still define" in decision.reason
+
+
+def test_a_submission_in_doubt_is_resolved_and_the_plan_says_what_follows() -> None:
+    """Resubmitting or forgetting after a confirmed absence is the planner's decision, made
+    from whether the manifest is still there, not the executor's."""
+    records = [Record(n, Phase.SUBMITTING, "a" * 64, f"{n}.yaml", uid=f"u-{n}") for n in "ab"]
+    desired = Desired(True, manifests={"a": manifest("a", "a" * 64, "a.yaml")}, file_count=1)
+    decisions = {d.name: d for d in plan(desired, records, PlanPolicy(), 0.0).decisions}
+    assert (decisions["a"].action, decisions["a"].if_absent) == (Action.RESOLVE, Action.RESUBMIT)
+    assert (decisions["b"].action, decisions["b"].if_absent) == (Action.RESOLVE, Action.FORGET)
+    assert "submit it again under the same uid" in decisions["a"].reason
+    assert "forget it once it is confirmed absent" in decisions["b"].reason
+
+
+@settings(max_examples=500)
+@given(worlds(), policies)
+def test_every_resolve_says_what_follows_an_absence(world: tuple[Desired, list[Record]],
+                                                     policy: PlanPolicy) -> None:
+    desired, records = world
+    for decision in plan(desired, records, policy, 1000.0).by_action(Action.RESOLVE):
+        expected = Action.RESUBMIT if decision.name in desired.manifests else Action.FORGET
+        assert decision.if_absent is expected
