@@ -88,6 +88,24 @@ class DaemonProcess:
             return self.wait(timeout)
 
 
+class Daemons:
+    """The daemons one test starts; each is up (its first pass done) when returned, and all are
+    stopped when the test ends, however it ends."""
+
+    def __init__(self) -> None:
+        self._procs: list[DaemonProcess] = []
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> DaemonProcess:
+        proc = DaemonProcess(args, env)
+        self._procs.append(proc)
+        proc.wait_event("pass.completed")
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self._procs:
+            proc.stop()
+
+
 def daemon_args(root: Path, state: Path, url: str, key: Path, *extra: str) -> list[str]:
     return ["--manifests", str(root), "--state", str(state), "--endpoint", url,
             "--key", str(key), *extra]

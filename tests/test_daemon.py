@@ -20,27 +20,23 @@ import httpx
 import pytest
 
 from tests.conftest import DevProcess
-from tests.daemon_proc import DaemonProcess, daemon_args
+from tests.daemon_proc import DaemonProcess, Daemons, daemon_args
 from tests.harness import envelope
 
 
 @pytest.fixture
 def started(tmp_path: Path, rsa_key: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    procs: list[DaemonProcess] = []
+    daemons = Daemons()
 
     def start(dev: DevProcess, *extra: str, root: Path | None = None,
               env: dict[str, str] | None = None) -> DaemonProcess:
         manifests = root or tmp_path / "manifests"
         manifests.mkdir(exist_ok=True)
-        proc = DaemonProcess(daemon_args(manifests, tmp_path / "state.db", dev.url, rsa_key,
+        return daemons.start(daemon_args(manifests, tmp_path / "state.db", dev.url, rsa_key,
                                          *extra), env)
-        procs.append(proc)
-        proc.wait_event("pass.completed")
-        return proc
 
     yield start
-    for proc in procs:
-        proc.stop()
+    daemons.stop_all()
 
 
 def by_name(dev: DevProcess) -> dict[str, list[str]]:

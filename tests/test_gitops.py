@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DevProcess
-from tests.daemon_proc import DaemonProcess, daemon_args
+from tests.daemon_proc import DaemonProcess, Daemons, daemon_args
 from tests.harness import envelope
 from tests.test_daemon import by_name, wait_until
 
@@ -56,20 +56,16 @@ def repo(tmp_path: Path) -> Repo:
 
 @pytest.fixture
 def follow(tmp_path: Path, rsa_key: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    procs: list[DaemonProcess] = []
+    daemons = Daemons()
 
     def start(dev: DevProcess, url: str, *extra: str, env: dict[str, str] | None = None
               ) -> DaemonProcess:
-        args = daemon_args(tmp_path / "unused", tmp_path / "state" / "state.db", dev.url,
-                           rsa_key, "--git-url", url, "--git-interval", "0.3s", *extra)
-        proc = DaemonProcess(args, env)
-        procs.append(proc)
-        proc.wait_event("pass.completed")
-        return proc
+        return daemons.start(daemon_args(
+            tmp_path / "unused", tmp_path / "state" / "state.db", dev.url, rsa_key,
+            "--git-url", url, "--git-interval", "0.3s", *extra), env)
 
     yield start
-    for proc in procs:
-        proc.stop()
+    daemons.stop_all()
 
 
 def last_pass(daemon: DaemonProcess) -> dict[str, object]:
