@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     backoff_max: float = Field(600.0, gt=0, description="Cap of that delay.")
     # --- the daemon ----------------------------------------------------------------------
     debounce: float = Field(0.15, ge=0, description="A changed file is acted on once it has "
-                            "been quiet this long.")
+                            "been quiet this long, a removed one once it has stayed missing "
+                            "this long.")
     max_delay: float = Field(1.0, gt=0, description="A file that keeps changing is acted on "
                              "this long after its first change anyway.")
     resync_interval: float = Field(60.0, gt=0, description="A full pass runs at least this "
