@@ -24,14 +24,14 @@ import httpx
 
 from bench.common import key, requester, scratch, table
 from reconciler import events
-from reconciler.apply import Executor, job_annotations
-from reconciler.client import ApiClient
-from reconciler.manifest import load_file
-from reconciler.plan import PlanPolicy
-from reconciler.reconcile import Reconciler
-from reconciler.signing import Signer, load_signer, signed_body
-from reconciler.source import FolderSource
-from reconciler.state import Store
+from reconciler.backends.legacy import ApiClient
+from reconciler.backends.signing import Signer, load_signer, signed_body
+from reconciler.domain.manifest import load_file
+from reconciler.domain.plan import PlanPolicy
+from reconciler.engine.executor import Executor, job_annotations
+from reconciler.engine.reconcile import Reconciler
+from reconciler.sources.folder import FolderSource
+from reconciler.store.sqlite import Store
 from tests.reliability.common import manifest
 
 CONCURRENCY = 8

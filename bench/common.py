@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from reconciler.signing import write_new_key
+from reconciler.backends.signing import write_new_key
 
 
 def scratch() -> Path:

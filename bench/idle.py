@@ -14,7 +14,7 @@ import time
 
 from bench.common import cpu_seconds, key, scratch, start_daemon, start_requester, table, wait_log
 from bench.world import build
-from reconciler.signing import load_signer
+from reconciler.backends.signing import load_signer
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 import structlog
 
 from bench.common import scratch, table
-from reconciler.manifest import load_file
-from reconciler.plan import PlanPolicy
-from reconciler.reconcile import Reconciler
-from reconciler.records import Phase, Record
-from reconciler.source import FolderSource
-from reconciler.state import Store
+from reconciler.domain.manifest import load_file
+from reconciler.domain.plan import PlanPolicy
+from reconciler.domain.records import Phase, Record
+from reconciler.engine.reconcile import Reconciler
+from reconciler.sources.folder import FolderSource
+from reconciler.store.sqlite import Store
 from tests.reliability.common import manifest
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from bench.common import key, scratch, table
-from reconciler.signing import load_signer, payload_bytes
+from reconciler.backends.signing import load_signer, payload_bytes
 
 PAYLOAD = payload_bytes({"APIVersion": "V1beta1", "ClientID": "0" * 64, "Spec": {
     "Engine": "Docker", "Docker": {"Image": "ubuntu:22.04"}, "Deal": {"Concurrency": 1},

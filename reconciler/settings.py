@@ -15,9 +15,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from reconciler.plan import PlanPolicy
-from reconciler.source import FolderSource, Source
-from reconciler.state import default_path
+from reconciler.domain.plan import PlanPolicy
+from reconciler.ports import Source
+from reconciler.sources.folder import FolderSource
+from reconciler.store.sqlite import default_path
 
 DEFAULT_CONFIG = Path("/etc/reconciler/config.toml")
 CLI_KEY = Path("~/.bacalhau/user_id.pem")
@@ -101,7 +102,7 @@ class Settings(BaseSettings):
     def source(self) -> Source:
         """The folder, or (with ``git_url``) the git snapshots kept beside the state."""
         if self.git_url:
-            from reconciler.gitsource import GitSource
+            from reconciler.sources.git import GitSource
 
             workdir = self.state_path().parent / "git"
             return GitSource(self.git_url, self.git_ref, self.git_path, workdir)

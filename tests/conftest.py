@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.signing import Signer, write_new_key
+from reconciler.backends.signing import Signer, write_new_key
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def ed_key(key_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def signer(rsa_key: Path) -> Signer:
-    from reconciler.signing import load_signer
+    from reconciler.backends.signing import load_signer
 
     return load_signer(rsa_key)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.records import Record
-from reconciler.state import Store
+from reconciler.domain.records import Record
+from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 
 

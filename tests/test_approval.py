@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.approval import ApprovalPolicy, ProbeRequest, cpu, decide, memory
-from reconciler.signing import load_signer
+from reconciler.backends.signing import load_signer
+from reconciler.domain.approval import ApprovalPolicy, ProbeRequest, cpu, decide, memory
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.harness import envelope
@@ -183,8 +183,8 @@ def test_approve_errors_are_clear(tmp_path: Path, rsa_key: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["broken", "duplicate"])
 def test_policy_documents_are_validated(tmp_path: Path, kind: str) -> None:
-    from reconciler.desired import collect
-    from reconciler.source import FolderSource
+    from reconciler.domain.desired import collect
+    from reconciler.sources.folder import FolderSource
 
     (tmp_path / "p.yaml").write_text(policy().replace("decision: reject", "decision: nope")
                                      if kind == "broken" else policy())

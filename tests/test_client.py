@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from reconciler.client import (
+from reconciler.backends.legacy import (
     AlreadyTerminal,
     ApiClient,
     InvalidRequest,
@@ -28,8 +28,8 @@ from reconciler.client import (
     TransientError,
     Unreachable,
 )
-from reconciler.signing import Signer, load_signer, signed_body
-from reconciler.spec import parse_spec, to_wire
+from reconciler.backends.signing import Signer, load_signer, signed_body
+from reconciler.domain.spec import parse_spec, to_wire
 from tests.conftest import DevProcess
 
 T = TypeVar("T")

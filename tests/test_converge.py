@@ -15,14 +15,14 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.apply import Executor
-from reconciler.client import ApiClient, RetryPolicy
+from reconciler.backends.legacy import ApiClient, RetryPolicy
+from reconciler.backends.signing import Signer
 from reconciler.devnet import DevConfig, DevRequesterThread
-from reconciler.plan import Action, PlanPolicy
-from reconciler.reconcile import Reconciler
-from reconciler.signing import Signer
-from reconciler.source import FolderSource
-from reconciler.state import Store
+from reconciler.domain.plan import Action, PlanPolicy
+from reconciler.engine.executor import Executor
+from reconciler.engine.reconcile import Reconciler
+from reconciler.sources.folder import FolderSource
+from reconciler.store.sqlite import Store
 from tests.harness import envelope
 
 NAMES = ["a", "b", "c", "d", "e"]

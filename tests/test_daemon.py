@@ -401,10 +401,10 @@ def test_run_dev_quick_start(tmp_path: Path) -> None:
 
 
 def test_polling_stays_within_its_cpu_budget(tmp_path: Path, rsa_key: Path) -> None:
-    from reconciler.daemon import Daemon
+    from reconciler.backends.signing import load_signer
+    from reconciler.service.daemon import Daemon
     from reconciler.settings import load_settings
-    from reconciler.signing import load_signer
-    from reconciler.state import Store
+    from reconciler.store.sqlite import Store
 
     settings = load_settings(None, manifests=tmp_path, poll_interval=10.0, poll_budget=0.005)
     with Store(tmp_path / "s.db") as store:
@@ -419,11 +419,11 @@ def test_polling_stays_within_its_cpu_budget(tmp_path: Path, rsa_key: Path) -> N
 def test_a_removal_must_outlast_the_settle_period(tmp_path: Path) -> None:
     """Deterministic form of the race CI found: the read that sees a file missing may come
     before the daemon hears of the unlink; the removal only counts once it has lasted."""
-    from reconciler.plan import Action, PlanPolicy
-    from reconciler.reconcile import Reconciler
-    from reconciler.records import Phase, Record
-    from reconciler.source import FolderSource
-    from reconciler.state import Store
+    from reconciler.domain.plan import Action, PlanPolicy
+    from reconciler.domain.records import Phase, Record
+    from reconciler.engine.reconcile import Reconciler
+    from reconciler.sources.folder import FolderSource
+    from reconciler.store.sqlite import Store
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.yaml").write_text(envelope("keep"))

@@ -7,12 +7,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.apply import job_annotations
-from reconciler.client import ApiClient
-from reconciler.manifest import load_file
-from reconciler.records import Phase, Record
-from reconciler.signing import load_signer
-from reconciler.state import Store
+from reconciler.backends.legacy import ApiClient
+from reconciler.backends.signing import load_signer
+from reconciler.domain.manifest import load_file
+from reconciler.domain.records import Phase, Record
+from reconciler.engine.executor import job_annotations
+from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 from tests.harness import Harness, envelope
 

@@ -7,14 +7,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from reconciler.apply import UID_TAG
-from reconciler.client import ApiClient, JobInfo
-from reconciler.observe import observe
-from reconciler.plan import PlanPolicy
-from reconciler.records import Phase, Record
-from reconciler.signing import Signer
-from reconciler.spec import parse_spec, to_wire
-from reconciler.state import Store
+from reconciler.backends.legacy import ApiClient, JobInfo
+from reconciler.backends.signing import Signer
+from reconciler.domain.plan import PlanPolicy
+from reconciler.domain.records import Phase, Record
+from reconciler.domain.spec import parse_spec, to_wire
+from reconciler.engine.executor import UID_TAG
+from reconciler.engine.observe import observe
+from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 
 

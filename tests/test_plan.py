@@ -7,11 +7,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.desired import Desired
-from reconciler.manifest import Manifest, Policy
-from reconciler.plan import Action, PlanPolicy, plan
-from reconciler.records import LIVE_PHASES, Phase, Record
-from reconciler.spec import parse_spec
+from reconciler.domain.desired import Desired
+from reconciler.domain.manifest import Manifest, Policy
+from reconciler.domain.plan import Action, PlanPolicy, plan
+from reconciler.domain.records import LIVE_PHASES, Phase, Record
+from reconciler.domain.spec import parse_spec
 
 SPEC = parse_spec({"Engine": "noop", "Publisher": "noop"})
 NAMES = [f"n{i}" for i in range(8)]

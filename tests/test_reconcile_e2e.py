@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.records import Phase
+from reconciler.domain.records import Phase
 from tests.conftest import DevProcess
 from tests.harness import Harness, envelope
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.signing import (
+from reconciler.backends.signing import (
     EnvelopeError,
     KeyFileError,
     load_signer,

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.manifest import load_file
-from reconciler.spec import ValidationError, parse_spec, spec_hash, to_wire
+from reconciler.domain.manifest import load_file
+from reconciler.domain.spec import ValidationError, parse_spec, spec_hash, to_wire
 
 EXAMPLES = Path(__file__).parents[2] / "shared/bacalhau/examples"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.records import Phase, Record
-from reconciler.state import SCHEMA_VERSION, Store, StoreLocked, StoreTooNew
+from reconciler.domain.records import Phase, Record
+from reconciler.store.sqlite import SCHEMA_VERSION, Store, StoreLocked, StoreTooNew
 
 
 def record(name: str, phase: Phase = Phase.ACTIVE) -> Record:
@@ -90,14 +90,14 @@ def test_reader_of_a_missing_store_sees_nothing(tmp_path: Path) -> None:
 def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    from reconciler.state import StoreError
+    from reconciler.store.sqlite import StoreError
 
     with pytest.raises(StoreError, match="file"):
         Store(blocker / "state.db")
 
 
 def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
-    from reconciler.state import _MIGRATIONS
+    from reconciler.store.sqlite import _MIGRATIONS
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)

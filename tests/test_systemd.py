@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.backends.signing import load_signer, write_new_key
 from reconciler.settings import Settings, load_settings
-from reconciler.signing import load_signer, write_new_key
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess
 from tests.harness import envelope

@@ -1,6 +1,6 @@
 """What the requester checks in a submitted payload, as its Go code does (CONTRACT 5-6).
 
-Deliberately independent of :mod:`reconciler.spec`: the dev requester must judge our client's
+Deliberately independent of :mod:`reconciler.domain.spec`: the dev requester must judge our client's
 requests the way the real server would, not the way our own models would.
 """
 

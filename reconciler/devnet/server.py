@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import structlog
 
+from reconciler.backends.signing import EnvelopeError, verify_envelope
 from reconciler.devnet import checks
 from reconciler.devnet.jobs import Job, JobStore
-from reconciler.signing import EnvelopeError, verify_envelope
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -16,8 +16,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.manifest import FileResult, load_file
-from reconciler.source import FolderSource
+from reconciler.domain.manifest import FileResult, load_file
+from reconciler.sources.folder import FolderSource
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import figures, manifest, rss_kib, seeded, size

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.records import Phase
-from reconciler.state import Store
+from reconciler.domain.records import Phase
+from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import audit, figures, manifest, seeded, size

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from reconciler.signing import load_signer, raw_members, signed_body, write_new_key
+from reconciler.backends.signing import load_signer, raw_members, signed_body, write_new_key
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import figures

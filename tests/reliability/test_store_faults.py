@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.state import Store
+from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import audit, figures, manifest

@@ -2,7 +2,7 @@
 
 Every call is a POST under a configurable prefix (default ``/api/v1``); replies are JSON sent
 as ``text/plain`` and are parsed whatever the Content-Type says. Signed calls serialize their
-payload once, sign it and embed the same bytes (:mod:`reconciler.signing`).
+payload once, sign it and embed the same bytes (:mod:`reconciler.backends.signing`).
 
 Errors, translated from HTTP statuses and httpx exceptions in one place (:func:`_translate`)::
 
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from reconciler.signing import Signer, signed_body
+from reconciler.backends.signing import Signer, signed_body
 
 __all__ = [
     "AlreadyTerminal",

@@ -1,4 +1,4 @@
-"""The executor: carries a :class:`~reconciler.plan.Plan` out through a requester, durably.
+"""The executor: carries a :class:`~reconciler.domain.plan.Plan` out through a requester, durably.
 
 Order of every remote effect (ops.md 4.2, anchors section 2):
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from reconciler.client import (
+from reconciler.backends.legacy import (
     AlreadyTerminal,
     JobInfo,
     NotFound,
@@ -35,10 +35,10 @@ from reconciler.client import (
     Requester,
     RequesterError,
 )
-from reconciler.manifest import Manifest
-from reconciler.plan import Action, Decision, Plan, PlanPolicy
-from reconciler.records import Phase, Record
-from reconciler.state import Store
+from reconciler.domain.manifest import Manifest
+from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy
+from reconciler.domain.records import Phase, Record
+from reconciler.store.sqlite import Store
 
 INTENT_BATCH = 256
 UID_TAG = "reconciler-uid:"
@@ -115,7 +115,7 @@ class Executor:
         self._confirmations = max(1, confirmations)
         self._resolve_delay = resolve_delay
         self._clock = clock
-        self._log = structlog.get_logger("reconciler.apply")
+        self._log = structlog.get_logger("reconciler.engine.executor")
         #: Called with (done, total) as actions finish; the CLI draws a progress line with it.
         self.on_progress: Callable[[int, int], None] | None = None
         self._stopping = False

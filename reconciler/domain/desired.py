@@ -11,8 +11,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from reconciler.manifest import LoadError, Manifest, PolicyManifest
-from reconciler.source import Snapshot
+from reconciler.domain.manifest import LoadError, Manifest, PolicyManifest
+from reconciler.domain.snapshot import Snapshot
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from reconciler.manifest import wanted_file
-from reconciler.source import split_at_link
+from reconciler.domain.manifest import wanted_file
+from reconciler.sources.folder import split_at_link
 
 EVENT_FILTER = [
     FileCreatedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,

@@ -17,8 +17,7 @@ import click
 import structlog
 
 from reconciler import events
-from reconciler.apply import ApplyReport, Executor
-from reconciler.client import (
+from reconciler.backends.legacy import (
     ApiClient,
     NoExecutions,
     NotAuthorized,
@@ -26,16 +25,17 @@ from reconciler.client import (
     RetryPolicy,
     Unreachable,
 )
-from reconciler.desired import collect
+from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
+from reconciler.domain.desired import collect
+from reconciler.domain.plan import SYMBOLS, Action, Plan
+from reconciler.engine.executor import ApplyReport, Executor
+from reconciler.engine.observe import observe
+from reconciler.engine.reconcile import PassResult, Reconciler
 from reconciler.events import scrub_text
-from reconciler.gitsource import GitError, GitSource
-from reconciler.observe import observe
-from reconciler.plan import SYMBOLS, Action, Plan
-from reconciler.reconcile import PassResult, Reconciler
 from reconciler.settings import Settings, SettingsError, load_settings
-from reconciler.signing import KeyFileError, Signer, load_signer, write_new_key
-from reconciler.source import FolderSource
-from reconciler.state import Store, StoreError
+from reconciler.sources.folder import FolderSource
+from reconciler.sources.git import GitError, GitSource
+from reconciler.store.sqlite import Store, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -314,7 +314,7 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
               "key and state, and reconcile against it.")
 def run(config: Path | None, dev: bool, **flags: Any) -> None:
     """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
-    from reconciler.daemon import Daemon
+    from reconciler.service.daemon import Daemon
 
     settings = settings_from(config, **flags)
     if settings.log_format != "auto":

@@ -2,7 +2,7 @@
 
 ``GET /metrics`` (text format 0.0.4), ``GET /healthz`` (the loop is alive: a pass completed
 recently), ``GET /readyz`` (the last pass completed, is recent, and the source was ready), and
-``POST /sync`` (ask for a pass now), served by :mod:`reconciler.httpserve`.
+``POST /sync`` (ask for a pass now), served by :mod:`reconciler.service.http`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from reconciler.httpserve import HttpServer, Response
+from reconciler.service.http import HttpServer, Response
 
 LabelKey = tuple[tuple[str, str], ...]
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from reconciler.approval import ApprovalPolicy, ProbeRequest, decide, needs_client_id
-from reconciler.httpserve import Response
-from reconciler.state import Approval, Store
+from reconciler.domain.approval import ApprovalPolicy, ProbeRequest, decide, needs_client_id
+from reconciler.domain.records import Approval
+from reconciler.service.http import Response
+from reconciler.store.sqlite import Store
 
 ClientIdLookup = Callable[[str], Awaitable[str | None]]
 _STATES = {"approve": "approved", "reject": "rejected", "manual": "pending"}
@@ -42,7 +43,7 @@ class ProbeService:
     def __init__(self, store: Store, lookup_client_id: ClientIdLookup) -> None:
         self._store = store
         self._lookup = lookup_client_id
-        self._log = structlog.get_logger("reconciler.probe")
+        self._log = structlog.get_logger("reconciler.service.probe")
 
     async def handle(self, method: str, path: str, body: bytes) -> Response:
         if path != "/probe":

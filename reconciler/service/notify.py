@@ -19,7 +19,7 @@ class Notifier:
         env = os.environ if environ is None else environ
         self._address = _address(env.get("NOTIFY_SOCKET", ""))
         self.watchdog_interval = _watchdog_interval(env)
-        self._log = structlog.get_logger("reconciler.notify")
+        self._log = structlog.get_logger("reconciler.service.notify")
 
     def send(self, *fields: str) -> bool:
         if self._address is None:

@@ -26,11 +26,11 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, astuple, dataclass, fields, replace
+from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
 from typing import Any
 
-from reconciler.records import Phase, Record
+from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
 
 SCHEMA_VERSION = 2
 
@@ -76,29 +76,6 @@ _MIGRATIONS: dict[int, str] = {
 }
 
 _COLUMNS = tuple(f.name for f in fields(Record))
-
-
-@dataclass(frozen=True)
-class StoredPolicy:
-    name: str
-    body: str  # the policy as canonical JSON
-    body_hash: str
-    path: str
-
-
-@dataclass(frozen=True)
-class Approval:
-    """A probe request and what became of it (state: pending, approved, rejected)."""
-
-    job_id: str
-    node_id: str
-    callback: str
-    summary: str  # engine, image, resources: never the spec itself (it may hold secrets)
-    state: str
-    rule: str
-    reason: str
-    received_at: float
-    decided_at: float | None = None
 
 
 class StoreError(Exception):

@@ -30,8 +30,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from reconciler.approval import ApprovalPolicy
-from reconciler.spec import (
+from reconciler.domain.approval import ApprovalPolicy
+from reconciler.domain.spec import (
     Spec,
     canonical_json,
     canonical_keys,

@@ -38,3 +38,26 @@ class Record:
     on_remove: str = "cancel"
     revision: str | None = None
     updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StoredPolicy:
+    name: str
+    body: str  # the policy as canonical JSON
+    body_hash: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A probe request and what became of it (state: pending, approved, rejected)."""
+
+    job_id: str
+    node_id: str
+    callback: str
+    summary: str  # engine, image, resources: never the spec itself (it may hold secrets)
+    state: str
+    rule: str
+    reason: str
+    received_at: float
+    decided_at: float | None = None

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
-from reconciler.desired import Desired
-from reconciler.manifest import Manifest
-from reconciler.records import FINISHED_PHASES, LIVE_PHASES, Phase, Record
+from reconciler.domain.desired import Desired
+from reconciler.domain.manifest import Manifest
+from reconciler.domain.records import FINISHED_PHASES, LIVE_PHASES, Phase, Record
 
 
 class Action(StrEnum):

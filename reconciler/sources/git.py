@@ -4,7 +4,7 @@ The daemon never reads a live checkout (ops.md 3.2-3.3). Each fetch updates a ba
 under ``<state dir>/git``; each new commit is exported (``git archive <commit>:<path>``) into
 ``snapshots/<commit>`` — written to a temporary folder and renamed, so it is complete or absent
 — and published by renaming a symlink ``current`` over the old one. Reading goes through
-:class:`~reconciler.source.FolderSource` on that symlink, whose pinned read makes the commit
+:class:`~reconciler.sources.folder.FolderSource` on that symlink, whose pinned read makes the commit
 hash (the link target's name) the snapshot's revision.
 
 A failed fetch (network, auth, a missing ref) or a ``--git-path`` absent from the commit makes
@@ -25,8 +25,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.domain.snapshot import Snapshot
 from reconciler.events import scrub_text
-from reconciler.source import FolderSource, Snapshot
+from reconciler.sources.folder import FolderSource
 
 GIT_TIMEOUT = 120.0
 KEEP_SNAPSHOTS = 2

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from reconciler.apply import ApplyReport, Executor
-from reconciler.desired import Desired, collect
-from reconciler.plan import Action, Plan, PlanPolicy, plan
-from reconciler.records import Record
-from reconciler.source import Snapshot, Source
-from reconciler.state import Store, StoredPolicy
+from reconciler.domain.desired import Desired, collect
+from reconciler.domain.plan import Action, Plan, PlanPolicy, plan
+from reconciler.domain.records import Record, StoredPolicy
+from reconciler.domain.snapshot import Snapshot
+from reconciler.engine.executor import ApplyReport, Executor
+from reconciler.ports import Source
+from reconciler.store.sqlite import Store
 
 
 @dataclass(frozen=True)

@@ -19,34 +19,15 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
-from reconciler.manifest import MAX_FILE_BYTES, FileResult, LoadError, load_file, wanted_file
+from reconciler.domain.manifest import MAX_FILE_BYTES, FileResult, LoadError, load_file, wanted_file
+from reconciler.domain.snapshot import Snapshot
 
 MAX_DEPTH = 16
 READ_ATTEMPTS = 5
 
 _StatKey = tuple[int, int, int, int, int]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What one read of the source saw."""
-
-    ready: bool
-    reason: str = ""
-    revision: str | None = None
-    files: Mapping[str, FileResult] = field(default_factory=dict)
-    #: Subdirectories (relative, with a trailing "/") that could not be listed.
-    broken_dirs: tuple[str, ...] = ()
-
-
-class Source(Protocol):
-    """Anything a pass can read a snapshot from: a folder, or a git repository's snapshots."""
-
-    def read(self) -> Snapshot: ...
 
 
 class _Moved(Exception):

@@ -36,21 +36,21 @@ from enum import Enum
 
 import structlog
 
-from reconciler.apply import Executor
-from reconciler.client import ApiClient, RequesterError
+from reconciler.backends.legacy import ApiClient, RequesterError
+from reconciler.backends.signing import Signer
+from reconciler.domain.plan import PlanPolicy
+from reconciler.engine.executor import Executor
+from reconciler.engine.observe import observe
+from reconciler.engine.reconcile import PassResult, Reconciler
 from reconciler.events import scrub_text
-from reconciler.gitsource import GitError, GitSource
-from reconciler.httpserve import HttpServer
-from reconciler.metrics import HealthServer, standard_metrics
-from reconciler.notify import Notifier
-from reconciler.observe import observe
-from reconciler.plan import PlanPolicy
-from reconciler.probe import ProbeService
-from reconciler.reconcile import PassResult, Reconciler
+from reconciler.service.http import HttpServer
+from reconciler.service.metrics import HealthServer, standard_metrics
+from reconciler.service.notify import Notifier
+from reconciler.service.probe import ProbeService
 from reconciler.settings import Settings, SettingsError
-from reconciler.signing import Signer
-from reconciler.state import Store, StoreError
-from reconciler.watch import Watcher
+from reconciler.sources.git import GitError, GitSource
+from reconciler.sources.watch import Watcher
+from reconciler.store.sqlite import Store, StoreError
 
 _RETRY_AFTER_FAILED_PASS = 2.0
 _SETTLE_AFTER_CHANGES = 1.0

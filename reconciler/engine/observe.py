@@ -17,11 +17,11 @@ from dataclasses import replace
 
 import structlog
 
-from reconciler.apply import jobs_by_uid, phase_of
-from reconciler.client import JobInfo, NotFound, Requester, RequesterError
-from reconciler.plan import PlanPolicy
-from reconciler.records import Phase, Record
-from reconciler.state import Store
+from reconciler.backends.legacy import JobInfo, NotFound, Requester, RequesterError
+from reconciler.domain.plan import PlanPolicy
+from reconciler.domain.records import Phase, Record
+from reconciler.engine.executor import jobs_by_uid, phase_of
+from reconciler.store.sqlite import Store
 
 _EVENTS = {Phase.COMPLETED: "job.completed", Phase.FAILED: "job.failed",
            Phase.CANCELLED: "job.drift"}
@@ -34,7 +34,7 @@ async def observe(
     clock: Callable[[], float] = time.time,
 ) -> Counter[str]:
     """Refresh the recorded state of every active job; returns counts of what changed."""
-    log = structlog.get_logger("reconciler.observe")
+    log = structlog.get_logger("reconciler.engine.observe")
     active = [r for r in store.records() if r.phase is Phase.ACTIVE and r.job_id]
     if not active:
         return Counter()
