@@ -12,6 +12,9 @@ Two forms are read, from YAML (several documents allowed) or JSON:
        spec: {...a Bacalhau Spec...}
        policy: {onChange: replace, onRemove: cancel, onFailure: none, maxRetries: 3}
 
+   and, for a scheduled manifest, ``schedule`` (cron), ``timezone``, ``concurrency``,
+   ``startingDeadline``, ``keepRuns`` and ``suspend`` in ``policy`` (``domain/schedule.py``);
+
 Errors are rendered ``path:line: field.path: message`` from pydantic's
 ``errors(include_input=False)``: no input value is ever echoed, so secrets in a broken manifest
 stay out of logs. A document whose spec is broken but whose name can still be read reports
@@ -28,9 +31,19 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from reconciler.domain.approval import ApprovalPolicy
+from reconciler.domain.schedule import Schedule, check_expression, check_timezone
 from reconciler.domain.spec import (
     Spec,
     canonical_json,
@@ -73,7 +86,8 @@ def wanted_file(name: str) -> bool:
 
 
 class Policy(BaseModel):
-    """What to do with a manifest's job on change, removal and failure."""
+    """What to do with a manifest's job on change, removal and failure; and, with ``schedule``,
+    when to run it (``domain/schedule.py``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -81,6 +95,48 @@ class Policy(BaseModel):
     on_remove: Literal["cancel", "orphan"] = Field("cancel", alias="onRemove")
     on_failure: Literal["none", "resubmit"] = Field("none", alias="onFailure")
     max_retries: StrictInt = Field(3, alias="maxRetries", ge=0, le=100)
+    schedule: str | None = None
+    timezone: str = "UTC"
+    concurrency: Literal["forbid", "allow", "replace"] = "forbid"
+    starting_deadline: StrictInt | None = Field(None, alias="startingDeadline", ge=1)
+    keep_runs: StrictInt = Field(5, alias="keepRuns", ge=0, le=100)
+    suspend: StrictBool = False
+
+    # The checks' messages never repeat the value (a pasted token stays out of logs).
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_expression(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        return check_timezone(value)
+
+    @model_validator(mode="after")
+    def _schedule_fields_need_a_schedule(self) -> Policy:
+        # A timezone or deadline without a schedule is a mistake (a deleted or misspelt line),
+        # not something to ignore silently.
+        if self.schedule is None:
+            stray = sorted(_SCHEDULE_ONLY.get(name, name) for name in self.model_fields_set
+                           if name in _SCHEDULE_ONLY)
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply with schedule")
+        return self
+
+    def as_schedule(self) -> Schedule | None:
+        """The schedule model, or ``None`` for a manifest that runs once."""
+        if self.schedule is None:
+            return None
+        return Schedule(self.schedule, self.timezone, self.concurrency, self.starting_deadline,
+                        self.keep_runs, self.suspend)
+
+
+_SCHEDULE_ONLY = {"timezone": "timezone", "concurrency": "concurrency",
+                  "starting_deadline": "startingDeadline", "keep_runs": "keepRuns",
+                  "suspend": "suspend"}
 
 
 class _Metadata(BaseModel):
