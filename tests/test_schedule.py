@@ -74,10 +74,11 @@ class Clock:
         decision = self.step()
         while decision.next_run is not None and decision.next_run <= end:
             decision = self.step(decision.next_run)
-            while decision.action != "wait":  # act, then ask again at the same instant
-                if decision.action == "fire" and decision.slot is not None:
-                    fired.append(decision.slot)
+            if decision.action == "fire" and decision.slot is not None:
+                fired.append(decision.slot)
+            if decision.action != "wait":  # acted: asking again at once finds nothing to do
                 decision = self.step()
+                assert decision.action == "wait", decision
         return fired
 
 
@@ -106,6 +107,10 @@ def test_berlin_fall_back_runs_the_doubled_slot_once() -> None:
     second = local(BERLIN, 2026, 10, 25, 2, 40, fold=1)
     assert daily.next_after(second) == utc(2026, 10, 26, 1, 30)
     assert daily.latest_at(second) == utc(2026, 10, 25, 0, 30)
+    # inside the second 02:xx every first 02:xx is past, up to 02:59 CEST
+    minutely = Schedule("* * * * *", "Europe/Berlin")
+    assert minutely.latest_at(second) == utc(2026, 10, 25, 0, 59)
+    assert minutely.next_after(second) == local(BERLIN, 2026, 10, 25, 3, 0)
     hourly = Schedule("0 * * * *", "Europe/Berlin")
     got = slots(hourly, utc(2026, 10, 24, 22, 30), utc(2026, 10, 25, 3, 30))
     assert [s.astimezone(BERLIN).strftime("%H%Z") for s in got] == [
@@ -400,17 +405,18 @@ def test_no_slot_fires_twice(expr: str, tz: str, concurrency: str, deadline: int
         suspend = suspends[i] if i < len(suspends) else False
         schedule = Schedule(expr, tz, concurrency, deadline, suspend=suspend)  # type: ignore[arg-type]
         state = track(schedule, state, now)
-        while True:  # act until the decision is to wait, as the engine will
-            decision = decide(schedule, name, state, active=active, now=now)
-            state = state.after(decision)
-            if decision.action == "wait":
-                assert decision.next_run is None or decision.next_run > now
-                break
+        decision = decide(schedule, name, state, active=active, now=now)
+        state = state.after(decision)
+        if decision.action != "wait":
             assert decision.slot is None or decision.slot <= now
             handled.extend([*([decision.slot] if decision.slot else []), *decision.missed])
             if decision.action == "fire":
                 assert decision.slot is not None and decision.uid == run_uid(name, decision.slot)
                 fired.append(decision.slot)
+            # one acting decision covers every due slot: asking again at once finds nothing
+            decision = decide(schedule, name, state, active=active, now=now)
+            assert decision.action == "wait", decision
+        assert decision.next_run is None or decision.next_run > now
     assert len(fired) == len(set(fired))
     assert len(handled) == len(set(handled))  # nothing fired, skipped or missed twice
 
