@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reconciler.domain.desired import Desired
 from reconciler.domain.manifest import load_file
+from reconciler.domain.plan import Action, PlanPolicy, plan
 from reconciler.domain.schedule import (
     MAX_MISSED_LISTED,
     Decision,
@@ -373,6 +375,16 @@ def test_a_valid_schedule_loads() -> None:
     for macro, cron in (("@hourly", "0 * * * *"), ("@daily", "0 0 * * *"),
                         ("@weekly", "0 0 * * 0"), ("@monthly", "0 0 1 * *")):
         assert check_expression(macro) == cron
+
+
+def test_the_one_shot_planner_does_not_run_a_scheduled_manifest() -> None:
+    # Until the engine drives slots, submitting a scheduled manifest once, now, would be wrong.
+    [scheduled] = load_file("n.yaml", envelope('  schedule: "@daily"\n')).manifests
+    [once] = load_file("m.yaml", envelope("  onChange: keep\n").replace(
+        b"name: nightly", b"name: once")).manifests
+    desired = Desired(True, manifests={"nightly": scheduled, "once": once}, file_count=2)
+    actions = {d.name: d.action for d in plan(desired, [], PlanPolicy(), now=0).decisions}
+    assert actions == {"nightly": Action.WAIT, "once": Action.SUBMIT}
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -167,11 +167,25 @@ def _decide(
         return Decision(name, Action.NOOP, "unchanged; job is live", manifest.path,
                         record.job_id, manifest, record)
     if manifest is not None:
-        return _decide_present(manifest, record, policy, now)
+        return _not_yet_scheduled(_decide_present(manifest, record, policy, now))
     assert record is not None  # names come from the records, the manifests or the held
     if desired.is_broken(record.path):
         return _held(name, record, f"{record.path} cannot be read or parsed")
     return _decide_removed(record)
+
+
+def _not_yet_scheduled(decision: Decision) -> Decision:
+    """A scheduled manifest runs at its slots (``domain/schedule.py``), never as a one-shot job.
+    Until the engine drives slots (issue 16), a new or changed one waits instead of running once
+    at the wrong time; in-doubt intents are still resolved, removals still cancel."""
+    scheduled = decision.manifest is not None and decision.manifest.policy.schedule is not None
+    if not scheduled or decision.action not in _ONE_SHOT:
+        return decision
+    return replace(decision, action=Action.WAIT,
+                   reason=f"scheduled manifest: not run as a one-shot job ({decision.reason})")
+
+
+_ONE_SHOT = frozenset({Action.SUBMIT, Action.RESUBMIT, Action.REPLACE})
 
 
 def _settled(decision: Decision, desired: Desired) -> Decision:
