@@ -124,6 +124,12 @@ class OrchestratorApi:
     def close(self) -> None:
         self.store.close()
 
+    def reset(self) -> None:
+        """Forget every job and count (tests reuse one server; the journal is left alone)."""
+        self.store = OrchStore(names=self.names, job_duration=self.config.job_duration,
+                               state_file=None)
+        self.stats.clear()
+
     # --- the middleware chain --------------------------------------------------------------
 
     async def handle(self, scope: Scope, body: bytes | None) -> Reply:
