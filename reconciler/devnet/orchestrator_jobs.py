@@ -13,7 +13,9 @@ one job's duration); service and daemon jobs never complete.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
 import json
 import re
 import threading
@@ -698,6 +700,7 @@ class OrchStore:
         self.job_duration = job_duration
         self._jobs: dict[str, OrchJob] = {}
         self._index: dict[str, str] = {}
+        self._ids: list[str] = []  # sorted, for id-prefix lookups
         self._lock = threading.Lock()
         self._seq = 0
         self._journal = None
@@ -731,11 +734,15 @@ class OrchStore:
         with self._lock:
             job = self._jobs.get(ref)
             if job is None and not _UUID.fullmatch(ref):
-                matches = [j for i, j in self._jobs.items() if i.startswith(ref)]
+                # A prefix scan over the sorted ids, as the store's cursor seek does: a GET of a
+                # missing name (the usual first step of a create) must not cost O(jobs).
+                start = bisect.bisect_left(self._ids, ref)
+                matches = list(itertools.takewhile(lambda i: i.startswith(ref),
+                                                   self._ids[start : start + 2]))
                 if len(matches) > 1:
                     raise ApiError(500, f"multiple jobs found for id {ref}", "MultipleJobsFound",
                                    "JobStore", hint="Use full job ID")
-                job = matches[0] if matches else None
+                job = self._jobs[matches[0]] if matches else None
             if job is None:
                 raise ApiError(404, f"job not found: {ref}", "NotFound", "JobStore")
             self._refresh(job)
@@ -764,6 +771,7 @@ class OrchStore:
             job.event("JobLevel", "Job submitted", "Submission", {"NewState": "Pending"})
             job.start_executions()
             self._jobs[job.job_id] = job
+            bisect.insort(self._ids, job.job_id)
             if self.names:
                 self._index[key] = job.job_id
             self._write(job)
@@ -821,6 +829,8 @@ class OrchStore:
                 job = OrchJob.from_record(json.loads(line))
             except (ValueError, TypeError, KeyError):
                 continue  # a line torn by a crash mid-write
+            if job.job_id not in self._jobs:
+                bisect.insort(self._ids, job.job_id)
             self._jobs[job.job_id] = job
             self._seq = max(self._seq, job.seq)
             if self.names:
