@@ -132,11 +132,13 @@ def test_unknown_profile_and_misplaced_api_key_are_refused(tmp_path: Path) -> No
         DevConfig(bacalhau_version="1.7")
     with pytest.raises(ValueError, match=r"need bacalhau_version 1\.9"):
         DevConfig(bacalhau_version="1.6", api_key=KEY)
+    with pytest.raises(ValueError, match="alphanumeric"):
+        DevConfig(bacalhau_version="1.9", api_user="a b:pw")
     with pytest.raises(ValueError, match="20 to 255"):
         DevConfig(bacalhau_version="1.9", api_key="short")
     result = CliRunner().invoke(main, ["dev-requester", "--bacalhau-version", "1.6",
                                        "--api-key", KEY])
-    assert result.exit_code == 2 and "api_key: API keys need bacalhau_version 1.9" in (
+    assert result.exit_code == 2 and "api_key: credentials need bacalhau_version 1.9" in (
         result.output)
     assert KEY not in result.output
 
@@ -186,6 +188,28 @@ def test_blank_name_becomes_the_id_and_ops_count_zero(orch: Factory) -> None:
     job_id = put(client, job(name="", kind="ops", Count=1)).json()["JobID"]
     shown = get(client, job_id).json()["Job"]
     assert (shown["Name"], shown["Count"]) == (job_id, 0)
+    explicit = put(client, job("zero", Count=0)).json()["JobID"]
+    assert get(client, explicit).json()["Job"]["Count"] == 0  # only an omitted Count is 1
+
+
+def test_client_telemetry_headers_land_in_meta(orch: Factory) -> None:
+    client = orch()
+    reply = client.put(JOBS, json={"Job": job()}, headers={"X-Bacalhau-InstallationID": "i-1"})
+    meta = get(client, reply.json()["JobID"]).json()["Job"]["Meta"]
+    assert meta["bacalhau.org/client.installation.id"] == "i-1"
+
+
+def test_rerun_makes_a_new_version_from_the_chosen_one(orch: Factory) -> None:
+    client = orch("1.9", job_duration=0.05)
+    job_id = put(client, job()).json()["JobID"]
+    put(client, job(Labels={"v": "2"}))
+    time.sleep(0.1)
+    reply = client.put(f"{JOBS}/hello/rerun", json={"Namespace": "default", "JobVersion": 1,
+                                                    "Reason": "again"})
+    assert reply.json()["JobID"] == job_id and reply.json()["JobVersion"] == 3
+    shown = get(client, "hello").json()["Job"]
+    assert (shown["Version"], shown["Labels"]) == (3, {})
+    error(client.put(f"{JOBS}/nope/rerun", json={}), 400, "BadRequest", "job not found: nope")
 
 
 def test_name_mode_updates_in_place_refuses_no_change_and_forces(orch: Factory) -> None:
@@ -494,6 +518,13 @@ def test_chunked_bodies_fail_in_the_authoriser(orch: Factory) -> None:
     assert stored(client) == []
 
 
+def test_oversized_body_is_413(orch: Factory) -> None:
+    client = orch("1.9")
+    reply = client.put(JOBS, content=b" " * (10 * 1024 * 1024 + 1),
+                       headers={"content-type": "application/json"})
+    error(reply, 413, "InternalError", "Request Entity Too Large")
+
+
 def test_error_envelope_echoes_the_request_id(orch: Factory) -> None:
     client = orch("1.9")
     reply = get(client, "missing")
@@ -517,11 +548,23 @@ def test_old_client_version_header_is_refused(orch: Factory) -> None:
 # --- auth ----------------------------------------------------------------------------------
 
 
+def test_basic_auth(orch: Factory) -> None:
+    client = orch("1.9", api_user="ops:s3cret")
+    good = httpx.BasicAuth("OPS", "s3cret")
+    assert client.put(JOBS, json={"Job": job()}, auth=good).status_code == 200
+    reply = client.get(JOBS, auth=httpx.BasicAuth("ops", "wrong"))
+    body = error(reply, 401, "Unauthorized", "Request Unauthorized")
+    assert "s3cret" not in reply.text and "wrong" not in reply.text
+    assert body["Details"]["reason"] == "invalid username or password"
+    error(client.get(JOBS, headers={"Authorization": "Bearer " + KEY}), 401, "Unauthorized",
+          "Request Unauthorized")
+
+
 def test_api_key_auth(orch: Factory) -> None:
     client = orch("1.9", api_key=KEY, read_only_api_key="r" * 20)
     assert client.get("/api/v1/agent/version").status_code == 200  # always open
     for headers, reason in (({}, "missing"), ({"Authorization": "Bearer " + "x" * 24}, "invalid"),
-                            ({"Authorization": "Basic dTpw"}, "unsupported")):
+                            ({"Authorization": "Digest dTpw"}, "unsupported")):
         reply = client.get(JOBS, headers=headers)
         body = error(reply, 401, "Unauthorized", "Request Unauthorized")
         assert body["Component"] == "Authorizer" and reason in body["Details"]["reason"]

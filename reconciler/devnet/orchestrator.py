@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import difflib
+import hmac
 import json
 import random
 import re
@@ -173,18 +174,25 @@ class OrchestratorApi:
         if self.config.read_only_api_key:
             keys[self.config.read_only_api_key] = "read"
         path = request.path
-        if not keys or path in OPEN_PATHS or path.startswith(("/api/v1/auth", "/devnet/")):
+        user = self.config.api_user
+        if not (keys or user) or path in OPEN_PATHS or path.startswith(("/api/v1/auth",
+                                                                         "/devnet/")):
             return
         scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        credential = credential.strip()
+        access = ""
         if not scheme:
             reason = "missing authorization header"
-        elif scheme.lower() != "bearer":
-            reason = f"unsupported authorization scheme {scheme}"
-        elif credential.strip() not in keys:
-            reason = "invalid API key"
+        elif scheme.lower() == "bearer":
+            access, reason = keys.get(credential, ""), "invalid API key"
+        elif scheme.lower() == "basic":
+            access, reason = ("all" if user and _basic_matches(credential, user) else "",
+                              "invalid username or password")
         else:
+            reason = f"unsupported authorization scheme {scheme}"
+        if access:
             writes = request.method in ("PUT", "POST", "DELETE")
-            if writes and keys[credential.strip()] == "read":
+            if writes and access == "read":
                 raise ApiError(403, "Request Forbidden", "Forbidden", "Authorizer",
                                details={"reason": "missing capability write:job"})
             return
@@ -269,6 +277,7 @@ class OrchestratorApi:
         if self.names:
             handlers["PUT /orchestrator/jobs/diff"] = self._diff
             handlers["GET /orchestrator/jobs/{id}/versions"] = self._versions
+            handlers["PUT /orchestrator/jobs/{id}/rerun"] = self._rerun
         return handlers
 
     def _injected_fault(self) -> Reply | None:
@@ -464,6 +473,22 @@ class OrchestratorApi:
         items = [job.to_wire(v) for v in sorted(job.versions)] + [job.to_wire()]
         return self._json(200, {"Items": items, "NextToken": ""})
 
+    async def _rerun(self, request: Request, ref: str) -> Reply:
+        # A PUT: the namespace and every argument travel in the body.
+        body = _json_body(request.body) if request.body else {}
+        version = _field(body, "JobVersion") or 0
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise bind_error("json: cannot unmarshal into Go struct field "
+                             "RerunJobRequest.JobVersion of type uint64")
+        namespace, reason = _field(body, "Namespace"), _field(body, "Reason")
+        try:
+            job = self.store.lookup(ref, namespace if isinstance(namespace, str) else "")
+        except ApiError as exc:  # the rerun handler wraps every lookup failure as a 400
+            raise ApiError(400, exc.message, "BadRequest", exc.component) from None
+        new_version = self.store.rerun(job, version, reason if isinstance(reason, str) else "")
+        return self._json(200, {"JobID": job.job_id, "JobVersion": new_version,
+                                "EvaluationID": str(uuid.uuid4()), "Warnings": None})
+
     # DELETE ---------------------------------------------------------------------------------
 
     async def _stop(self, request: Request, ref: str) -> Reply:
@@ -516,6 +541,17 @@ class OrchestratorApi:
 
     def jobs(self) -> list[OrchJob]:
         return sorted(self.store.all(), key=lambda j: (j.create_ns, j.seq))
+
+
+def _basic_matches(credential: str, user: str) -> bool:
+    """User names match ignoring case (they are alphanumeric); passwords exactly."""
+    try:
+        given = base64.b64decode(credential, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    name, _, password = given.partition(":")
+    want_name, _, want_password = user.partition(":")
+    return name.lower() == want_name.lower() and hmac.compare_digest(password, want_password)
 
 
 def _field(obj: Any, name: str) -> Any:

@@ -795,6 +795,29 @@ class OrchStore:
             job.start_executions()
             self._write(job)
 
+    def rerun(self, job: OrchJob, version: int, reason: str) -> int:
+        """v1.8+ rerun: the chosen spec becomes a new version; Pending again. The new version."""
+        with self._lock:
+            self._refresh(job)
+            if job.state not in ("Running", "Completed", "Failed", "Stopped"):
+                raise ApiError(500, f"cannot rerun job in state {job.state}",
+                               hint="Wait for the job to be running or to end before rerunning")
+            spec = job.spec if version in (0, job.version) else job.versions.get(version)
+            if spec is None:
+                raise ApiError(400, f"job version {version} not found for job {job.job_id}",
+                               "BadRequest", "JobStore")
+            old_version = job.version
+            job.versions[old_version] = job.spec
+            job.spec = dict(spec)
+            job.version += 1
+            job.started = time.time()
+            job.end_executions(EXEC_CANCELLED, DESIRED_STOPPED, "job rerun",
+                               only_version=old_version)
+            job.set_state("Pending", reason or "job rerun", "Submission")
+            job.start_executions()
+            self._write(job)
+            return job.version
+
     def stop(self, job: OrchJob, reason: str) -> str:
         """DELETE by state: the evaluation id, "" when already stopped; ApiError if terminal."""
         with self._lock:

@@ -64,6 +64,8 @@ class DevConfig:
     api_key: str | None = None
     #: A second key with read capabilities only: writes with it are 403.
     read_only_api_key: str | None = None
+    #: ``USER:PASSWORD`` accepted as ``Authorization: Basic`` (``1.9`` only).
+    api_user: str | None = None
     #: Report this GitVersion instead of the profile's (e.g. ``v0.0.0-dev``, a dev build).
     git_version: str | None = None
 
@@ -71,14 +73,18 @@ class DevConfig:
         if self.bacalhau_version not in PROFILES:
             raise ValueError(f"bacalhau_version: {self.bacalhau_version!r} is not one of "
                              f"{', '.join(PROFILES)}")
-        for name in ("api_key", "read_only_api_key"):
+        for name in ("api_key", "read_only_api_key", "api_user"):
             key = getattr(self, name)
             if key is None:
                 continue
             if self.bacalhau_version != "1.9":
-                raise ValueError(f"{name}: API keys need bacalhau_version 1.9 (Bacalhau has "
-                                 "API-key auth from v1.7 on)")
-            if not 20 <= len(key) <= 255:
+                raise ValueError(f"{name}: credentials need bacalhau_version 1.9 (Bacalhau has "
+                                 "auth from v1.7 on)")
+            if name == "api_user":
+                user, _, password = key.partition(":")
+                if not user.isalnum() or not password:
+                    raise ValueError("api_user: USER:PASSWORD, the user name alphanumeric")
+            elif not 20 <= len(key) <= 255:
                 raise ValueError(f"{name}: an API key is 20 to 255 characters")
 
 
