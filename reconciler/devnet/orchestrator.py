@@ -300,7 +300,7 @@ class OrchestratorApi:
         if not isinstance(body, dict):
             raise bind_error("json: cannot unmarshal into Go value of type "
                              "apimodels.PutJobRequest")
-        force = _field(body, "Force")
+        force = _field(body, "Force") if self.names else None  # unknown before v1.8
         if force is not None and not isinstance(force, bool):
             raise bind_error("json: cannot unmarshal into Go struct field PutJobRequest.Force "
                              "of type bool")
