@@ -253,7 +253,7 @@ class OrchestratorApi:
         fault = self._injected_fault()
         if fault is not None:
             return fault
-        if self.config.latency and method != "PUT":
+        if self.config.latency and method not in ("PUT", "POST"):
             await asyncio.sleep(self.config.latency)
         if method in ("PUT", "POST", "DELETE") and request.body:
             content_type = request.headers.get("content-type", "")
