@@ -487,17 +487,31 @@ def keygen(key_type: str, out: Path) -> None:
               "compute node's --job-selection-probe-http).")
 @click.option("--submit-latency", default=0.0,
               help="Store each submitted job, then answer only after this many seconds.")
+@click.option("--bacalhau-version", type=click.Choice(["1.0", "1.6", "1.9"]), default="1.0",
+              show_default=True, help="Emulate this Bacalhau: 1.0 (legacy API), 1.6 "
+              "(orchestrator API, legacy routes 410) or 1.9 (orchestrator API with job names).")
+@click.option("--api-key", envvar="DEVNET_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (1.9 only; 20-255 characters).")
+@click.option("--api-user", envvar="DEVNET_API_USER",
+              help="Require 'Authorization: Basic' for USER:PASSWORD (1.9 only).")
+@click.option("--git-version", help="Report this GitVersion instead of the profile's.")
 def dev_requester(
     host: str, port: int, port_file: Path | None, job_duration: float, approver: str | None,
     state_file: Path | None, error_rate: float, latency: float, fail_after_store: float,
     drop_rate: float, seed: int | None, probe_url: str | None, submit_latency: float,
+    bacalhau_version: str, api_key: str | None, api_user: str | None, git_version: str | None,
 ) -> None:
     """Serve a local requester with Bacalhau's wire contract, for trials and tests."""
     from reconciler.devnet import DevConfig, serve
 
-    config = DevConfig(
-        job_duration=job_duration, approver=approver, state_file=state_file,
-        error_rate=error_rate, latency=latency, fail_after_store=fail_after_store,
-        drop_rate=drop_rate, seed=seed, probe_url=probe_url, submit_latency=submit_latency,
-    )
+    try:
+        config = DevConfig(
+            job_duration=job_duration, approver=approver, state_file=state_file,
+            error_rate=error_rate, latency=latency, fail_after_store=fail_after_store,
+            drop_rate=drop_rate, seed=seed, probe_url=probe_url, submit_latency=submit_latency,
+            bacalhau_version=bacalhau_version, api_key=api_key, api_user=api_user,
+            git_version=git_version,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     serve(config, host, port, port_file)

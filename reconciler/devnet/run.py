@@ -16,7 +16,7 @@ from reconciler.devnet.server import DevConfig, DevRequester
 def bind(host: str, port: int) -> socket.socket:
     """Bind first, so that port 0 works and the chosen port can be reported before serving."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -30,12 +30,16 @@ from reconciler.backends.signing import EnvelopeError, verify_envelope
 from reconciler.devnet import checks
 from reconciler.devnet.jobs import Job, JobStore
 
+if TYPE_CHECKING:
+    from reconciler.devnet.orchestrator import OrchestratorApi
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 PREFIX = "/api/v1"
+PROFILES = ("1.0", "1.6", "1.9")
 MAX_BODY = 10 * 1024 * 1024
 
 
@@ -53,6 +57,35 @@ class DevConfig:
     seed: int | None = None
     probe_url: str | None = None
     submit_latency: float = 0.0
+    #: Which Bacalhau to emulate: ``1.0`` (the legacy contract), ``1.6`` (orchestrator API,
+    #: label mode, legacy routes 410) or ``1.9`` (orchestrator API, names, legacy routes 404).
+    bacalhau_version: str = "1.0"
+    #: Require ``Authorization: Bearer <key>`` (auth came in v1.7, so ``1.9`` only).
+    api_key: str | None = None
+    #: A second key with read capabilities only: writes with it are 403.
+    read_only_api_key: str | None = None
+    #: ``USER:PASSWORD`` accepted as ``Authorization: Basic`` (``1.9`` only).
+    api_user: str | None = None
+    #: Report this GitVersion instead of the profile's (e.g. ``v0.0.0-dev``, a dev build).
+    git_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bacalhau_version not in PROFILES:
+            raise ValueError(f"bacalhau_version: {self.bacalhau_version!r} is not one of "
+                             f"{', '.join(PROFILES)}")
+        for name in ("api_key", "read_only_api_key", "api_user"):
+            key = getattr(self, name)
+            if key is None:
+                continue
+            if self.bacalhau_version != "1.9":
+                raise ValueError(f"{name}: credentials need bacalhau_version 1.9 (Bacalhau has "
+                                 "auth from v1.7 on)")
+            if name == "api_user":
+                user, _, password = key.partition(":")
+                if not user.isalnum() or not password:
+                    raise ValueError("api_user: USER:PASSWORD, the user name alphanumeric")
+            elif not 20 <= len(key) <= 255:
+                raise ValueError(f"{name}: an API key is 20 to 255 characters")
 
 
 @dataclass
@@ -61,6 +94,7 @@ class Reply:
     body: bytes
     headers: dict[str, str]
     drop: bool = False
+    job_id: str | None = None  # for the request log only (the orchestrator API sends no header)
 
 
 def json_reply(status: int, value: Any, **headers: str) -> Reply:
@@ -89,14 +123,20 @@ class DevRequester:
 
     def __init__(self, config: DevConfig) -> None:
         self.config = config
+        legacy = config.bacalhau_version == "1.0"
         self.jobs = JobStore(
             job_duration=config.job_duration,
             waits_for_approval=bool(config.approver or config.probe_url),
-            state_file=config.state_file,
+            state_file=config.state_file if legacy else None,
         )
         self._probes: set[asyncio.Task[None]] = set()
         self.stats: Counter[str] = Counter()
         self._rng = random.Random(config.seed)
+        self.orchestrator: OrchestratorApi | None = None
+        if not legacy:
+            from reconciler.devnet.orchestrator import OrchestratorApi
+
+            self.orchestrator = OrchestratorApi(config, self.stats, self._rng)
         self._log = structlog.get_logger("devnet")
         self._routes: dict[str, Callable[[bytes, Scope], Reply]] = {
             "/requester/submit": self._submit,
@@ -115,7 +155,7 @@ class DevRequester:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send, on_shutdown=self.jobs.close)
+            await _lifespan(receive, send, on_shutdown=self._close)
             return
         if scope["type"] != "http":
             return
@@ -127,12 +167,24 @@ class DevRequester:
             "devnet.request",
             path=scope["path"],
             status=0 if reply.drop else reply.status,
-            job_id=reply.headers.get("X-Bacalhau-Job-ID"),
+            job_id=reply.headers.get("X-Bacalhau-Job-ID") or reply.job_id,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
+    def _close(self) -> None:
+        self.jobs.close()
+        if self.orchestrator is not None:
+            self.orchestrator.close()
+
     async def _handle(self, scope: Scope, body: bytes | None) -> Reply:
         path = scope["path"]
+        if self.orchestrator is not None:
+            if path == "/devnet/stats":
+                return json_reply(200, dict(self.stats))
+            if path == "/devnet/jobs":
+                # Every job of every namespace, without faults: how tests see what was stored.
+                return json_reply(200, {"jobs": [j.to_wire() for j in self.orchestrator.jobs()]})
+            return await self.orchestrator.handle(scope, body)
         route = path[len(PREFIX) :] if path.startswith(PREFIX + "/") else path
         handler = self._routes.get(route)
         if handler is None:
@@ -369,8 +421,9 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:
-    headers = [(b"content-type", b"text/plain; charset=utf-8")]
-    headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    headers = [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    if not any(key == b"content-type" for key, _ in headers):
+        headers.insert(0, (b"content-type", b"text/plain; charset=utf-8"))
     if reply.drop:
         # Promise a body, send none, return: the server closes the connection mid-reply, so
         # the client sees the request sent and no reply, as after a crash or a reset.
