@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -383,35 +384,54 @@ def open_fds() -> int:
 
 async def closed(reader: asyncio.StreamReader) -> bool:
     try:
-        return await asyncio.wait_for(reader.read(1), timeout=2) == b""
+        return await reader.read(1) == b""
     except ConnectionError:
         return True
 
 
-def test_idle_connections_are_capped_and_timed_out(tmp_path: Path,
-                                                   capfd: pytest.CaptureFixture[str]) -> None:
-    """1,200 idle connections: the listener keeps at most ``max_connections`` descriptors,
-    cuts idle ones after its timeout, and answers again afterwards."""
-    async def scenario(url: str) -> tuple[int, int, int]:
+def test_idle_connections_are_capped(tmp_path: Path,
+                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """1,200 idle connections: the listener holds at most ``max_connections`` descriptors
+    (the rest wait in the kernel's backlog), and answers again once they go."""
+    async def scenario(url: str) -> tuple[int, int]:
         host, port = url.removeprefix("http://").split(":")
         before = open_fds()
-        idle = [await asyncio.open_connection(host, int(port)) for _ in range(1200)]
-        await asyncio.sleep(0.3)  # the listener accepts them all
+        idle = [socket.socket() for _ in range(1200)]
+        for conn in idle:
+            conn.setblocking(False)
+            conn.connect_ex((host, int(port)))
+        await asyncio.sleep(0.5)  # the listener takes what it will
         held = open_fds() - before - len(idle)
-        await asyncio.sleep(1.2)  # past the request timeout: the held ones are cut
-        cut = sum([await closed(reader) for reader, _ in idle])
-        for _, writer in idle:
-            writer.close()
+        for conn in idle:
+            conn.close()
         async with httpx.AsyncClient(timeout=10) as client:
             answer = await client.post(url + "/probe", content=probe_body())
-        return held, cut, answer.status_code
+        return held, answer.status_code
 
     with Store(tmp_path / "state.db") as store:
-        (held, cut, status), server = serve(store, scenario, max_connections=64, timeout=1.0)
-    assert held <= 64 + 8, held  # was 1,200: one descriptor per idle client
-    assert cut == 1200 and status == 200
-    assert server.refused_connections > 1000  # fewer when some held ones timed out first
+        (held, status), _ = serve(store, scenario, max_connections=64)
+    assert held <= 64 + 4, held  # was 1,200: one descriptor per idle client
+    assert status == 200
     assert capfd.readouterr().err == ""
+
+
+def test_idle_and_slow_clients_are_cut_off(tmp_path: Path) -> None:
+    async def scenario(url: str) -> int:
+        host, port = url.removeprefix("http://").split(":")
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(100)]
+        for _, writer in idle[:50]:  # slowloris: a byte now and then, never a full head
+            writer.write(b"P")
+        await asyncio.sleep(0.2)
+        try:
+            async with asyncio.timeout(8):  # two rounds of 64 slots, 1 s each
+                return sum([await closed(reader) for reader, _ in idle])
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+    with Store(tmp_path / "state.db") as store:
+        cut, _ = serve(store, scenario, max_connections=64, timeout=1.0)
+    assert cut == 100
 
 
 def test_unit_raises_the_open_files_limit() -> None:
