@@ -410,7 +410,9 @@ def test_idle_connections_are_capped(tmp_path: Path,
 
     with Store(tmp_path / "state.db") as store:
         (held, status), _ = serve(store, scenario, max_connections=64)
-    assert held <= 64 + 4, held  # was 1,200: one descriptor per idle client
+    # 64 measured; before, one per connection completed (101 here, where the backlog stops
+    # the rest; 1,024 and EMFILE for a real daemon: tests/reliability/test_hostile.py)
+    assert held <= 64 + 4, held
     assert status == 200
     assert capfd.readouterr().err == ""
 
