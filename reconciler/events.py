@@ -22,16 +22,39 @@ import structlog
 
 LogFormat = Literal["auto", "json", "console"]
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
+# Credentials after any "://", whatever precedes it (masking more is the safe side). The pattern
+# starts with a literal, which the regex engine finds at C speed, and each part stops at the
+# next '/', '@' or space, so redaction is linear. The former pattern began with the scheme
+# (`[a-zA-Z][a-zA-Z0-9+.-]*://`): every letter of a long run was tried as its start and
+# rescanned the rest of the run, so it was quadratic, and a probe with a 200 kB field froze
+# the daemon for 145 s (docs/reliability.md, "Hostile input").
+_URL_CREDENTIALS = re.compile(r"://[^/@\s:]+(?::[^/@\s]*)?@")
 _SENSITIVE = re.compile(
     r"(password|passwd|secret|token|credential|private|api_?key|access_?key|env)", re.IGNORECASE
 )
 REDACTED = "[redacted]"
 
 
+#: The longest text any event field or error message carries; longer ones are cut, marked.
+MAX_FIELD = 2000
+
+
+def truncate(text: str, limit: int = MAX_FIELD) -> str:
+    """The first ``limit`` characters of ``text``, and a marker saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters cut]"
+
+
 def scrub_text(text: str) -> str:
-    """Mask ``user:password@`` in any URL inside ``text``."""
-    return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    """Mask ``user:password@`` in any URL inside ``text``. Linear in the length of ``text``."""
+    return _URL_CREDENTIALS.sub("://" + REDACTED + "@", text)
+
+
+def clean(text: str, limit: int = MAX_FIELD) -> str:
+    """``text`` made fit for an event or an error: credentials masked, bounded in length.
+    Masked before it is cut, so a cut never leaves half a credential unmasked."""
+    return truncate(scrub_text(text), limit)
 
 
 class Redact:
@@ -44,7 +67,7 @@ class Redact:
             if key != "event" and _SENSITIVE.search(key):
                 event_dict[key] = REDACTED
             elif isinstance(value, str):
-                event_dict[key] = scrub_text(value)
+                event_dict[key] = clean(value)
         return event_dict
 
 
@@ -71,6 +94,23 @@ def to_journal(stream: TextIO) -> bool:
     except (OSError, ValueError):
         return False
     return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+class StdlibToEvents(logging.Handler):
+    """Records of the standard ``logging`` module (asyncio's event loop, libraries) as
+    ``library.log`` events: the stream stays one JSON event per line. Unconfigured, Python
+    printed them as bare tracebacks (8,286 lines in 20 s when the probe listener ran out of
+    file descriptors: docs/reliability.md, "Hostile input")."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            exc = record.exc_info[1] if record.exc_info else None
+            structlog.get_logger("reconciler").log(
+                record.levelno, "library.log", logger=record.name,
+                message=(record.getMessage().splitlines() or [""])[0],
+                error=f"{type(exc).__name__}: {exc}" if exc is not None else None)
+        except Exception:  # a log record must never take the daemon down
+            pass
 
 
 def configure(
@@ -101,3 +141,9 @@ def configure(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdlibToEvents)]:
+        root.removeHandler(handler)
+    root.addHandler(StdlibToEvents(logging.WARNING))
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reconciler.domain.plan import PlanPolicy
+from reconciler.events import truncate
 from reconciler.ports import Source
 from reconciler.sources.folder import FolderSource
 from reconciler.store.sqlite import default_path
@@ -85,6 +86,10 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field("auto", description="Event format.")
     probe_listen: str | None = Field(None, description="host:port of the job-selection probe "
                                      "(POST /probe) that compute nodes call; off when unset.")
+    approval_max: int = Field(1000, ge=1, description="Approval requests kept in the store at "
+                              "most; when full of pending ones, new probes are answered 503.")
+    approval_retention: float = Field(86400.0, gt=0, description="Seconds a decided, or "
+                                      "still pending, approval request is kept.")
 
     def plan_policy(self, *, allow_mass_cancel: bool = False) -> PlanPolicy:
         return PlanPolicy(
@@ -141,9 +146,18 @@ def _read_config(config: Path | None) -> dict[str, Any]:
             raise SettingsError(f"{config}: config file not found") from None
         return {}
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"{path}: invalid TOML: {exc}") from None
+        raise SettingsError(f"{path}: invalid TOML: {truncate(str(exc), 200)}") from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 only; a Latin-1 'é' in a comment used to kill the daemon on SIGHUP.
+        raise SettingsError(f"{path}: not UTF-8 (byte {exc.start}): TOML files must be "
+                            "UTF-8") from None
+    except RecursionError:
+        # tomllib recurses once per level of nesting (`a = [[[[...`).
+        raise SettingsError(f"{path}: invalid TOML: nested too deeply") from None
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:  # anything else tomllib refuses: still a config error
+        raise SettingsError(f"{path}: invalid TOML: {truncate(str(exc), 200)}") from None
 
 
 def _render(exc: ValidationError, config: Path | None) -> str:
@@ -152,4 +166,4 @@ def _render(exc: ValidationError, config: Path | None) -> str:
         f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
         for e in exc.errors(include_input=False, include_url=False)
     )
-    return f"invalid settings ({where}): {problems}"
+    return f"invalid settings ({where}): {truncate(problems)}"

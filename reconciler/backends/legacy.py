@@ -13,6 +13,8 @@ Errors, translated from HTTP statuses and httpx exceptions in one place (:func:`
     │   ├── NotFound              404 (and the requester's 400 "Job not found" on list by id)
     │   ├── AlreadyTerminal       cancel of a Completed or Error job
     │   └── NoExecutions          approve: the node holds no execution of the job
+    ├── MalformedReply            a 200 reply of the wrong shape (not JSON, wrong types,
+    │                             missing fields): the requester is not behaving; never a crash
     ├── TransientError            retried with exponential backoff and jitter, bounded
     │   ├── RateLimited           429
     │   ├── ServerError           5xx, 503 "Server Timeout!"
@@ -38,12 +40,14 @@ from typing import Any, Protocol
 import httpx
 
 from reconciler.backends.signing import Signer, signed_body
+from reconciler.events import clean
 
 __all__ = [
     "AlreadyTerminal",
     "ApiClient",
     "InvalidRequest",
     "JobInfo",
+    "MalformedReply",
     "NoExecutions",
     "NotAuthorized",
     "NotFound",
@@ -63,7 +67,9 @@ class RequesterError(Exception):
     def __init__(
         self, message: str, *, status: int | None = None, job_id: str | None = None
     ) -> None:
-        super().__init__(message)
+        # Bounded and scrubbed here, once: messages carry requester and node text, and they
+        # reach events, the store (last_error) and `status` (docs/reliability.md, "Hostile input").
+        super().__init__(clean(message))
         self.status = status
         #: X-Bacalhau-Job-ID of the reply, when the server sent one.
         self.job_id = job_id
@@ -91,6 +97,13 @@ class AlreadyTerminal(PermanentError):
 
 class NoExecutions(PermanentError):
     pass
+
+
+class MalformedReply(RequesterError):
+    """A reply that is not what the contract says (``{"jobs": [1, 2]}``, non-JSON, a number
+    where an object goes, a job without an id). Not retried: the same server would send the
+    same; the caller treats it like any other requester failure (observe backs off, a pass
+    fails and is retried)."""
 
 
 class TransientError(RequesterError):
@@ -136,18 +149,54 @@ class JobInfo:
     created_at: str = ""  # only what the reconciler needs: a list of 10,000 jobs is 45 MB
 
     @classmethod
-    def from_wire(cls, item: Mapping[str, Any]) -> JobInfo:
-        job = item.get("Job") or {}
-        metadata = job.get("Metadata") or {}
-        spec = job.get("Spec") or {}
-        state = item.get("State") or {}
+    def from_wire(cls, item: Any) -> JobInfo:
+        """One item of a list reply; :class:`MalformedReply` unless it has the contract's
+        shape (CONTRACT 1.3). Absent optional parts take their zero values, as Go sends them."""
+        job = _object(item, "Job", required=True)
+        metadata = _object(job, "Metadata", required=True)
+        annotations = _object(job, "Spec").get("Annotations") or []
+        if not isinstance(annotations, list) or not all(isinstance(a, str) for a in annotations):
+            raise MalformedReply("list: a job's Spec.Annotations is not a list of strings")
+        job_id = _text(metadata, "ID")
+        if not job_id:
+            raise MalformedReply("list: a job without Metadata.ID")
         return cls(
-            job_id=str(metadata.get("ID", "")),
-            state=str(state.get("State", "Undefined")),
-            client_id=str(metadata.get("ClientID", "")),
-            annotations=tuple(spec.get("Annotations") or ()),
-            created_at=str(metadata.get("CreatedAt", "")),
+            job_id=job_id,
+            state=_text(_object(item, "State"), "State") or "Undefined",
+            client_id=_text(metadata, "ClientID"),
+            annotations=tuple(annotations),
+            created_at=_text(metadata, "CreatedAt"),
         )
+
+
+def _object(parent: Any, key: str, *, required: bool = False) -> Mapping[str, Any]:
+    """``parent[key]`` when it is a JSON object; {} when absent or null (unless required)."""
+    if not isinstance(parent, Mapping):
+        raise MalformedReply(f"reply: expected an object holding {key!r}, got "
+                             f"{type(parent).__name__}")
+    value = parent.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MalformedReply(f"reply: {key!r} is {type(value).__name__}, not an object")
+    return value
+
+
+def _text(parent: Mapping[str, Any], key: str) -> str:
+    """``parent[key]`` when it is a string; "" when absent or null."""
+    value = parent.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedReply(f"reply: {key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def _job_state(reply: _Reply, operation: str) -> str:
+    """``state.State`` of a cancel or states reply (CONTRACT 1.2, section 5)."""
+    if not isinstance(reply.body, Mapping):
+        raise MalformedReply(f"{operation}: the reply is not a JSON object")
+    return _text(_object(reply.body, "state", required=True), "State") or "Undefined"
 
 
 class Requester(Protocol):
@@ -173,7 +222,7 @@ class _Reply:
 
 def _error_message(reply: _Reply) -> str:
     if isinstance(reply.body, Mapping) and "Message" in reply.body:
-        return str(reply.body["Message"])
+        return str(reply.body["Message"])[:500]
     return reply.text.strip()[:500]
 
 
@@ -259,18 +308,21 @@ class ApiClient:
         payload = {"APIVersion": "V1beta1", "ClientID": self.client_id, "Spec": spec}
         body = signed_body(self._signer, payload)
         reply = await self._retrying(lambda: self._post_submit(body), retry_on=_SAFE_TO_RESEND)
-        job = (reply.body or {}).get("job") if isinstance(reply.body, Mapping) else None
-        job_id = ((job or {}).get("Metadata") or {}).get("ID")
+        try:
+            job_id = _text(_object(_object(reply.body, "job", required=True), "Metadata"), "ID")
+        except MalformedReply as exc:  # the job may exist all the same: resolve by uid
+            raise OutcomeUnknown(f"submit: 200 with a malformed reply ({exc})",
+                                 status=reply.status) from exc
         if not job_id:
             raise OutcomeUnknown("submit: 200 without a job id", status=reply.status)
-        return str(job_id)
+        return job_id
 
     async def cancel(self, job_id: str, reason: str) -> str:
         """Cancel one of our jobs; returns the state after the cancel."""
         payload = {"ClientID": self.client_id, "JobID": job_id, "Reason": reason}
         body = signed_body(self._signer, payload)
         reply = await self._retrying(lambda: self._post("cancel", "/requester/cancel", body))
-        return str(((reply.body or {}).get("state") or {}).get("State", "Undefined"))
+        return _job_state(reply, "cancel")
 
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
@@ -286,13 +338,22 @@ class ApiClient:
             request["id"] = job_id
         body = json.dumps(request).encode()
         reply = await self._retrying(lambda: self._post("list", "/requester/list", body))
-        jobs = (reply.body or {}).get("jobs") if isinstance(reply.body, Mapping) else None
-        return [JobInfo.from_wire(item) for item in jobs or []]
+        # A non-JSON or shapeless 200 is no evidence about any job: never read it as "none"
+        # (an empty list counts towards resubmitting an in-doubt intent). Go sends an empty
+        # slice as null.
+        if not isinstance(reply.body, Mapping) or "jobs" not in reply.body:
+            raise MalformedReply("list: the reply is not an object with 'jobs'")
+        jobs = reply.body["jobs"]
+        if jobs is None:
+            return []
+        if not isinstance(jobs, list):
+            raise MalformedReply(f"list: 'jobs' is {type(jobs).__name__}, not a list")
+        return [JobInfo.from_wire(item) for item in jobs]
 
     async def state(self, job_id: str) -> str:
         body = json.dumps({"client_id": self.client_id, "job_id": job_id}).encode()
         reply = await self._retrying(lambda: self._post("states", "/requester/states", body))
-        return str(((reply.body or {}).get("state") or {}).get("State", "Undefined"))
+        return _job_state(reply, "states")
 
     async def approve(
         self,
@@ -374,7 +435,7 @@ class _SentNoReply(ServerError):
 def _parse_body(content: bytes) -> Any:
     try:
         return json.loads(content) if content.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
         return None
 
 

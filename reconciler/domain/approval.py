@@ -66,11 +66,77 @@ class ProbeRequest:
     callback: str
 
     @classmethod
-    def from_wire(cls, body: Mapping[str, Any]) -> ProbeRequest:
+    def from_wire(cls, body: Any) -> ProbeRequest:
+        """A probe body as decoded JSON; :class:`BadProbe` (a short reason) unless each field
+        the policy or the store reads has the right type and a bounded size."""
+        if not isinstance(body, Mapping):
+            raise BadProbe("the body is not a JSON object")
         folded = {str(k).replace("_", "").lower(): v for k, v in body.items()}
         spec = folded.get("spec")
-        return cls(str(folded.get("nodeid") or ""), str(folded.get("jobid") or ""),
-                   spec if isinstance(spec, Mapping) else {}, str(folded.get("callback") or ""))
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, Mapping):
+            raise BadProbe("spec: not an object")
+        _check_spec(spec)
+        return cls(_field(folded, "nodeid", "node_id", MAX_NODE_ID),
+                   _field(folded, "jobid", "job_id", MAX_JOB_ID), spec,
+                   _callback(_field(folded, "callback", "callback", MAX_CALLBACK)))
+
+
+#: Field sizes a probe may carry. Bacalhau's ids are UUIDs and libp2p peer ids (~52 chars); a
+#: callback is a node's URL. Larger values are refused, not cut: they are nobody's real ids.
+MAX_JOB_ID, MAX_NODE_ID, MAX_CALLBACK, MAX_TEXT = 128, 256, 2048, 1024
+
+
+class BadProbe(ValueError):
+    """A probe request of the wrong shape; the message is the short reason the node gets."""
+
+
+def _field(folded: Mapping[str, Any], key: str, name: str, limit: int) -> str:
+    value = folded.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadProbe(f"{name}: not a string")
+    if len(value) > limit:
+        raise BadProbe(f"{name}: longer than {limit} characters")
+    return value
+
+
+def _callback(url: str) -> str:
+    if url and not url.lower().startswith(("http://", "https://")):
+        raise BadProbe("callback: not an http(s) URL")
+    return url
+
+
+#: Where in the spec the policy and the store look, and what each must be when present.
+_SPEC_SHAPE: dict[tuple[str, ...], tuple[type, ...]] = {
+    ("Engine",): (str,),
+    ("Docker",): (Mapping,),
+    ("Docker", "Image"): (str,),
+    ("Network",): (Mapping,),
+    ("Network", "Type"): (str,),
+    ("Annotations",): (list,),
+    ("Resources",): (Mapping,),
+    ("Resources", "CPU"): (str, int, float),
+    ("Resources", "Memory"): (str, int, float),
+    ("Resources", "GPU"): (str, int, float),
+}
+
+
+def _check_spec(spec: Mapping[str, Any]) -> None:
+    for keys, kinds in _SPEC_SHAPE.items():
+        value = _get(spec, *keys)
+        if value is None:
+            continue
+        where = "spec." + ".".join(keys)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise BadProbe(f"{where}: wrong type ({type(value).__name__})")
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise BadProbe(f"{where}: longer than {MAX_TEXT} characters")
+    for annotation in _get(spec, "Annotations") or []:
+        if not isinstance(annotation, str) or len(annotation) > MAX_TEXT:
+            raise BadProbe("spec.Annotations: not a list of short strings")
 
 
 @dataclass(frozen=True)
@@ -117,6 +183,11 @@ def _matches(match: Match, request: ProbeRequest, client_id: str | None) -> bool
         _within(match.max_gpu, _get(spec, "Resources", "GPU"), cpu),
     ]
     return all(checks)
+
+
+def spec_value(spec: Mapping[str, Any], *keys: str) -> Any:
+    """``spec[k1][k2]...`` with keys matched case-insensitively; None when absent."""
+    return _get(spec, *keys)
 
 
 def _get(spec: Mapping[str, Any], *keys: str) -> Any:

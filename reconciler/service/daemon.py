@@ -46,7 +46,7 @@ from reconciler.events import scrub_text
 from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
-from reconciler.service.probe import ProbeService
+from reconciler.service.probe import MAX_PROBE_BODY, ProbeService
 from reconciler.settings import Settings, SettingsError
 from reconciler.sources.git import GitError, GitSource
 from reconciler.sources.watch import Watcher
@@ -434,8 +434,10 @@ class Daemon:
     async def _start_probe(self) -> HttpServer | None:
         if not self.settings.probe_listen:
             return None
-        service = ProbeService(self._store, self._client_id_of)
-        server = HttpServer(service.handle)
+        service = ProbeService(self._store, self._client_id_of,
+                               max_stored=self.settings.approval_max,
+                               retention=self.settings.approval_retention)
+        server = HttpServer(service.handle, max_body=MAX_PROBE_BODY)
         bound = await server.start(self.settings.probe_listen)
         self._log.info("probe.listening", listen=bound, path="/probe")
         return server

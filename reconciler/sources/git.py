@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.domain.snapshot import Snapshot
-from reconciler.events import scrub_text
+from reconciler.events import clean, scrub_text
 from reconciler.sources.folder import FolderSource
 
 GIT_TIMEOUT = 120.0
@@ -36,6 +36,10 @@ _TARGET_REF = "refs/reconciler/target"
 
 class GitError(Exception):
     """A git command failed; the message names the step and carries no credentials."""
+
+    def __init__(self, message: str) -> None:
+        # git's error lines can echo remote text of any length: bounded here, once.
+        super().__init__(clean(message))
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,26 @@ class Store:
             self._db.execute("INSERT OR REPLACE INTO approvals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              astuple(approval))
 
+    def approval_count(self) -> int:
+        with _translated(self.path):
+            return int(self._db.execute("SELECT count(*) FROM approvals").fetchone()[0])
+
+    def prune_approvals(self, *, before: float, keep: int) -> int:
+        """Delete requests decided, or still pending but received, before ``before``; then
+        the oldest decided ones beyond ``keep`` rows. Pending requests within their time are
+        never dropped for room: an operator may still approve them. Returns rows deleted."""
+        with _translated(self.path), self._transaction(durable=False):
+            gone = self._db.execute(
+                "DELETE FROM approvals WHERE (state = 'pending' AND received_at < ?) "
+                "OR (state != 'pending' AND coalesce(decided_at, received_at) < ?)",
+                (before, before)).rowcount
+            excess = self._db.execute("SELECT count(*) FROM approvals").fetchone()[0] - keep
+            if excess > 0:
+                gone += self._db.execute(
+                    "DELETE FROM approvals WHERE job_id IN (SELECT job_id FROM approvals "
+                    "WHERE state != 'pending' ORDER BY decided_at LIMIT ?)", (excess,)).rowcount
+        return int(gone)
+
     def commit_intents(self, records: Sequence[Record]) -> None:
         """Write intents durably (FULL): one fsync for the whole batch."""
         self._write(records, durable=True)
