@@ -1,4 +1,4 @@
-"""The dev requester: Bacalhau's legacy wire contract on a local port, for trials and tests."""
+"""The dev requester: Bacalhau's legacy or orchestrator API on a local port, for tests."""
 
 from reconciler.devnet.run import DevRequesterThread, serve
 from reconciler.devnet.server import DevConfig, DevRequester

@@ -9,6 +9,10 @@ Fault injection (for the reliability suite): ``error_rate`` answers a share of r
 503 or 429 before doing anything; ``latency`` delays every request; ``fail_after_store`` stores
 a submitted job and then answers 500; ``drop_rate`` stores it and then drops the connection;
 ``submit_latency`` stores it and answers only after that many seconds (past a client's timeout).
+
+``bacalhau_version`` picks the emulated server: ``1.0`` is all of the above; ``1.6`` and ``1.9``
+hand every request except ``/devnet/*`` to :mod:`reconciler.devnet.orchestrator`
+(docs/wire-orchestrator.md), with the same fault flags.
 """
 
 from __future__ import annotations
