@@ -16,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -32,6 +33,14 @@ REDACTED = "[redacted]"
 def scrub_text(text: str) -> str:
     """Mask ``user:password@`` in any URL inside ``text``."""
     return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """An event's point in time as ISO 8601 UTC, like its ``timestamp`` (None stays None)."""
+    if not epoch:
+        return None
+    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
 
 
 class Redact:

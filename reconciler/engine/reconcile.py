@@ -14,7 +14,7 @@ import structlog
 
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import Action, Plan, PlanPolicy, plan
-from reconciler.domain.records import Record, StoredPolicy
+from reconciler.domain.records import Phase, Record, StoredPolicy
 from reconciler.domain.snapshot import Snapshot
 from reconciler.engine.executor import ApplyReport, Executor
 from reconciler.ports import Source
@@ -38,11 +38,20 @@ class PassResult:
         return len(self.plan.by_action(Action.WAIT))
 
     @property
+    def failing(self) -> int:
+        """Names whose last action failed and waits for a retry (e.g. the requester is
+        unreachable): no job exists for them, so the network is not in line."""
+        return sum(1 for d in self.plan.by_action(Action.WAIT)
+                   if d.record is not None and d.record.phase is Phase.ERROR)
+
+    @property
     def overall(self) -> str:
-        """``ready``, ``degraded`` (held manifests or failed actions) or ``not ready``."""
+        """``ready``, ``degraded`` (held manifests, failed actions, or jobs waiting to retry
+        one) or ``not ready``."""
         if not self.plan.ready:
             return "not ready"
-        if self.held or self.desired.errors or self.report.failed or self.plan.blocked:
+        if (self.held or self.desired.errors or self.report.failed or self.plan.blocked
+                or self.failing):
             return "degraded"
         return "ready"
 
