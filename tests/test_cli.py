@@ -254,3 +254,12 @@ def test_run_dev_says_how_to_point_status_and_plan_at_it(tmp_path: Path) -> None
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=15)
+
+
+def test_readme_documents_the_cli() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Commands"):readme.index("## What it will not do")]
+    assert "| `reconciler approve JOB_ID" in table
+    assert "--log-format" in table and "console lines on a terminal, JSON lines" in table
+    for code in ("nothing to do", "changes to make", "a guard blocks"):
+        assert code in table
