@@ -263,3 +263,25 @@ def test_readme_documents_the_cli() -> None:
     assert "--log-format" in table and "console lines on a terminal, JSON lines" in table
     for code in ("nothing to do", "changes to make", "a guard blocks"):
         assert code in table
+
+
+def test_a_replace_shows_its_changed_fields_but_no_secret(
+    folder: Path, dev: DevProcess, rsa_key: Path
+) -> None:
+    (folder / "hello.yaml").write_text(envelope("hello", env=("TOKEN=abc-old-123",)))
+    assert cli("apply", *online(folder, dev.url, rsa_key)).exit_code == 0
+    (folder / "hello.yaml").write_text(
+        envelope("hello", image="ubuntu:24.04", env=("TOKEN=xyz-new-789",)))
+    plain = cli("plan", *offline(folder))
+    assert plain.exit_code == 2, plain.output
+    assert "    docker.image: ubuntu:22.04 → ubuntu:24.04" in plain.stdout
+    assert "docker.environmentVariables: changed (values not shown)" in plain.stdout
+    as_json = json.loads(cli("plan", "--json", *offline(folder)).stdout)
+    [replace] = [d for d in as_json["decisions"] if d["action"] == "replace"]
+    assert "docker.image: ubuntu:22.04 → ubuntu:24.04" in replace["changes"]
+    applied = cli("apply", *online(folder, dev.url, rsa_key))
+    assert "docker.image: ubuntu:22.04 → ubuntu:24.04" in applied.stdout
+    for result in (plain, applied):
+        assert "abc-old" not in result.output and "xyz-new" not in result.output
+    for path in folder.parent.glob("state.db*"):
+        assert b"abc-old" not in path.read_bytes() and b"xyz-new" not in path.read_bytes()

@@ -29,6 +29,7 @@ from reconciler.backends.legacy import (
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
+from reconciler.domain.specview import spec_view, view_changes
 from reconciler.engine.executor import ApplyReport, Executor
 from reconciler.engine.observe import observe
 from reconciler.engine.reconcile import PassResult, Reconciler
@@ -214,12 +215,30 @@ def plan_exit(desired: Desired, the_plan: Plan) -> int:
     return EXIT_CHANGES if the_plan.changes else EXIT_OK
 
 
-def _preview(settings: Settings, allow_mass_cancel: bool = False) -> tuple[Desired, Plan]:
+def _preview(settings: Settings, allow_mass_cancel: bool = False
+             ) -> tuple[Desired, Plan, Changes]:
     """The offline plan, as a one-shot ``apply`` would make it (it tries failed actions now,
     without the daemon's backoff)."""
     policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel, honour_backoff=False)
     with opened_store(settings, writer=False) as store:
-        return Reconciler(settings.source(), store, policy).plan(policy)
+        desired, the_plan = Reconciler(settings.source(), store, policy).plan(policy)
+        return desired, the_plan, replace_changes(store, the_plan)
+
+
+Changes = dict[str, list[str]]
+
+
+def replace_changes(store: Store, the_plan: Plan) -> Changes:
+    """A replace's changed fields (``docker.image: a → b``), from the view the store kept of
+    the running spec; secret values are never part of a view (domain/specview.py)."""
+    changes: Changes = {}
+    for decision in the_plan.by_action(Action.REPLACE, Action.WAIT):
+        if decision.record is None or decision.manifest is None:
+            continue
+        old = store.view(decision.record.spec_hash)
+        if old is not None and decision.record.spec_hash != decision.manifest.spec_hash:
+            changes[decision.name] = view_changes(old, spec_view(decision.manifest.wire()))
+    return changes
 
 
 @main.command("plan")
@@ -232,22 +251,24 @@ def plan_command(config: Path | None, as_json: bool, show_all: bool, **flags: An
     Exit 0 nothing to do, 2 changes, 1 a manifest error or the source not ready, 3 a guard
     blocks."""
     settings = settings_from(config, **flags)
-    desired, the_plan = _preview(settings)
+    desired, the_plan, changes = _preview(settings)
     errors = [str(e) for e in desired.errors]
     if as_json:
-        out(json.dumps(plan_json(the_plan, errors), indent=2))
+        out(json.dumps(plan_json(the_plan, errors, changes), indent=2))
     else:
-        print_plan(the_plan, errors, show_all)
+        print_plan(the_plan, errors, show_all, changes)
     sys.exit(plan_exit(desired, the_plan))
 
 
-def plan_json(the_plan: Plan, errors: list[str]) -> dict[str, Any]:
+def plan_json(the_plan: Plan, errors: list[str], changes: Changes | None = None
+              ) -> dict[str, Any]:
     return {
         "ready": the_plan.ready,
         "revision": the_plan.revision,
         "decisions": [
             {"name": d.name, "action": str(d.action), "reason": d.reason, "path": d.path,
-             "job_id": d.job_id}
+             "job_id": d.job_id} | ({"changes": (changes or {})[d.name]}
+                                    if d.name in (changes or {}) else {})
             for d in the_plan.decisions
         ],
         "guards": [{"name": g.name, "reason": g.reason, "names": list(g.names)}
@@ -262,13 +283,16 @@ _COLOURS = {Action.SUBMIT: "green", Action.RESUBMIT: "green", Action.REPLACE: "y
             Action.WAIT: "blue"}
 
 
-def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False) -> None:
+def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False,
+               changes: Changes | None = None) -> None:
     for decision in the_plan.decisions:
         if decision.action is Action.NOOP and not show_all:
             continue
         job = f" [{decision.job_id}]" if decision.job_id else ""
         out(f"{SYMBOLS[decision.action]} {decision.action:<8} {decision.name}{job}: "
             f"{decision.reason}", fg=_COLOURS.get(decision.action))
+        for change in (changes or {}).get(decision.name, ()):
+            out(f"    {change}", fg=_COLOURS.get(decision.action))
     for guard in the_plan.guards:  # a guard's reason once, not on every job it holds
         out(f"guard {guard.name}: {guard.reason}", fg="red", bold=True)
     for error in errors:
@@ -300,8 +324,8 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
     Exit 0 converged, 1 errors (or not converged), 3 blocked by a guard."""
     settings = settings_from(config, **flags)
     if dry_run:
-        desired, the_plan = _preview(settings, allow_mass_cancel)
-        print_plan(the_plan, [str(e) for e in desired.errors])
+        desired, the_plan, changes = _preview(settings, allow_mass_cancel)
+        print_plan(the_plan, [str(e) for e in desired.errors], changes=changes)
         sys.exit(plan_exit(desired, the_plan))
     signer = signer_from(settings)
     with opened_store(settings, writer=True) as store:
@@ -352,7 +376,9 @@ async def apply_until_settled(
         except RequesterError as exc:  # planning goes on; effects meet the same error
             structlog.get_logger("reconciler").warning("observe.failed", error=str(exc))
         desired, preview = reconciler.plan()
-        print_plan(preview, [str(e) for e in desired.errors])  # the plan first, then act
+        # The plan first, then act.
+        print_plan(preview, [str(e) for e in desired.errors],
+                   changes=replace_changes(store, preview))
         first = result = await reconciler.run_pass(executor)
         for _ in range(rounds - 1):
             if not result.plan.changes or result.report.failed:
