@@ -240,17 +240,18 @@ def test_dev_requester_says_where_it_listens(dev: DevProcess) -> None:
 def test_run_dev_says_how_to_point_status_and_plan_at_it(tmp_path: Path) -> None:
     (tmp_path / "manifests").mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "run", "--dev"], cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "reconciler", "run", "--dev", "--log-format", "json"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HOME": str(tmp_path)})
     try:
         assert process.stderr is not None
-        seen = ""
-        deadline = time.monotonic() + 20
-        while "\n  reconciler plan --state" not in seen and time.monotonic() < deadline:
-            seen += process.stderr.readline()
-        assert "dev requester listening on http://127.0.0.1:" in seen
-        assert "\n  reconciler status --state" in seen
+        for line in process.stderr:
+            event = json.loads(line)
+            if event["event"] == "dev.requester":
+                break
+        assert event["endpoint"].startswith("http://127.0.0.1:")
+        assert "reconciler status --state" in event["hint"]
+        assert "reconciler plan --state" in event["hint"]
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=15)

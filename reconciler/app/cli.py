@@ -518,8 +518,9 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
     hint = (f"reconciler status --state {state} --manifests {manifests}; "
             f"reconciler plan --state {state} --manifests {manifests}")
     structlog.get_logger("reconciler").info("dev.requester", endpoint=requester.url, hint=hint)
-    click.echo(f"dev requester listening on {requester.url}; from another terminal, while "
-               f"this runs:\n  {hint.replace('; ', chr(10) + '  ')}", err=True)
+    if sys.stderr.isatty():  # otherwise stderr is JSON events, and dev.requester has the hint
+        click.echo(f"dev requester listening on {requester.url}; from another terminal, "
+                   f"while this runs:\n  {hint.replace('; ', chr(10) + '  ')}", err=True)
     return requester, {"endpoint": requester.url, "key": key, "state": state,
                        "api_prefix": "/api/v1"}
 
