@@ -136,8 +136,11 @@ def test_exit_codes(command: tuple[str, ...], folder: Path) -> None:
     assert cli(*command, *offline(folder)).exit_code == 1
     (folder / "bad.yaml").unlink()
     (folder / "hello.yaml").unlink()
+    live_records(folder.parent / "state.db", "a", "b")
     empty = cli(*command, *offline(folder))
-    assert empty.exit_code == 1 and "source is empty" in empty.stdout
+    assert empty.exit_code == 1 and empty.stdout.count("source is empty") == 1  # once
+    assert empty.stdout.count("! hold") == 2
+    Path(folder.parent / "state.db").unlink()
     allowed = cli(*command, *offline(folder), "--allow-empty")
     assert allowed.exit_code == 0 and "No changes." in allowed.stdout
 
