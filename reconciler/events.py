@@ -16,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -55,6 +56,14 @@ def clean(text: str, limit: int = MAX_FIELD) -> str:
     """``text`` made fit for an event or an error: credentials masked, bounded in length.
     Masked before it is cut, so a cut never leaves half a credential unmasked."""
     return truncate(scrub_text(text), limit)
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """An event's point in time as ISO 8601 UTC, like its ``timestamp`` (None stays None)."""
+    if not epoch:
+        return None
+    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
 
 
 class Redact:

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reconciler.domain.plan import PlanPolicy
@@ -27,6 +27,30 @@ CLI_KEY = Path("~/.bacalhau/user_id.pem")
 
 class SettingsError(Exception):
     """The configuration is unusable; the message names the source and the field."""
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: Settings in seconds: each also accepts ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"``, as the
+#: flags do, so a config file and a command line read the same.
+DURATIONS = ("git_interval", "request_timeout", "resolve_delay", "backoff_base", "backoff_max",
+             "debounce", "max_delay", "resync_interval", "poll_interval", "shutdown_deadline")
+
+
+def parse_duration(value: object) -> object:
+    """``"30s"`` -> 30.0; numbers and anything else pass through for the field to judge."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                return float(text[: -len(unit)]) * _UNITS[unit]
+            except ValueError:
+                return value
+    try:
+        return float(text)
+    except ValueError:
+        return value
 
 
 class Settings(BaseSettings):
@@ -91,7 +115,13 @@ class Settings(BaseSettings):
     approval_retention: float = Field(86400.0, gt=0, description="Seconds a decided, or "
                                       "still pending, approval request is kept.")
 
-    def plan_policy(self, *, allow_mass_cancel: bool = False) -> PlanPolicy:
+    @field_validator(*DURATIONS, mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value)
+
+    def plan_policy(self, *, allow_mass_cancel: bool = False,
+                    honour_backoff: bool = True) -> PlanPolicy:
         return PlanPolicy(
             allow_empty=self.allow_empty,
             mass_cancel_ratio=self.mass_cancel_ratio,
@@ -99,6 +129,7 @@ class Settings(BaseSettings):
             allow_mass_cancel=allow_mass_cancel,
             backoff_base=self.backoff_base,
             backoff_max=self.backoff_max,
+            honour_backoff=honour_backoff,
         )
 
     def state_path(self) -> Path:

@@ -241,8 +241,11 @@ def test_timeout_after_send_is_outcome_unknown(
 
 
 def test_unreachable_requester(tmp_path: Path, signer: Signer) -> None:
-    with pytest.raises(Unreachable):
-        run(lambda c: c.submit(noop_spec()), "http://127.0.0.1:9", signer)
+    with pytest.raises(Unreachable) as failure:
+        run(lambda c: c.submit(noop_spec()), "http://ops:pw-123@127.0.0.1:9", signer)
+    message = str(failure.value)  # names the endpoint, never its credentials
+    assert "cannot connect to http://" in message and "127.0.0.1:9" in message
+    assert "pw-123" not in message
 
 
 def test_approve_on_the_compute_side(

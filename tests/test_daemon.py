@@ -332,8 +332,9 @@ def test_metrics_health_and_events(tmp_path: Path, dev: DevProcess,
         assert {"event", "level", "timestamp"} <= set(event)
     [submitted] = daemon.named("job.submitted")
     assert {"name", "job_id", "path", "reason", "uid", "revision"} <= set(submitted)
-    [invalid] = daemon.named("manifest.invalid")
-    assert invalid["path"] == "bad.yaml" and invalid["field"] == "metadata"
+    invalid = daemon.named("manifest.invalid")  # every problem of the file, once each
+    assert {(e["path"], e["field"]) for e in invalid} == {("bad.yaml", "metadata"),
+                                                          ("bad.yaml", "spec")}
     [completed] = daemon.named("pass.completed")[:1]
     assert {"state", "duration_ms", "manifests", "held", "changes", "waiting"} <= set(completed)
 

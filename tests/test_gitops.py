@@ -127,9 +127,12 @@ def test_missing_git_path_is_not_ready(repo: Repo, dev: DevProcess,
     repo.commit({"jobs/a.yaml": envelope("a")})
     daemon = follow(dev, str(repo.origin), "--git-path", "jobs")
     wait_until(lambda: by_name(dev) == {"a": ["New"]})
-    repo.commit(delete=("jobs/a.yaml",), write={"other/x.yaml": envelope("x")})
-    failure = daemon.wait_event("git.fetch_failed")[0]
-    assert "is not a folder in this revision" in failure["error"]
+    emptied = repo.commit(delete=("jobs/a.yaml",), write={"other/x.yaml": envelope("x")})
+    # git keeps no empty folder: the fetch worked, and the source is empty, not failed.
+    wait_until(lambda: last_pass(daemon)["revision"] == emptied)
+    assert last_pass(daemon)["state"] == "not ready"
+    assert "empty" in daemon.named("source.not_ready")[-1]["reason"]
+    assert not daemon.named("git.fetch_failed")
     time.sleep(1.0)
     assert by_name(dev) == {"a": ["New"]}
 
@@ -192,4 +195,4 @@ def test_credentials_in_the_url_never_reach_the_logs(
     daemon.stop()
     text = "".join(daemon.raw)
     assert "hunter2-token" not in text
-    assert "[redacted]@127.0.0.1" in text
+    assert "https://127.0.0.1:9/jobs.git" in text  # taken out of the URL altogether

@@ -82,7 +82,7 @@ def test_broken_manifest_is_held_and_nothing_cancelled(h: Harness) -> None:
     h.write("a.yaml", envelope("a").replace("image: ubuntu:22.04", "image: [oops"))
     h.write("b.yaml", envelope("b", image="ubuntu:24.04"))  # others keep reconciling
     h.write("c.yaml", envelope("c"))
-    result = h.apply()
+    result = h.apply(expect=1)  # not converged: a manifest is held
     assert h.states("a") == ["New"]
     assert h.states("b") == ["Cancelled", "New"]
     assert h.states("c") == ["New"]
@@ -102,10 +102,10 @@ def test_broken_document_of_a_multi_document_file_holds_all_its_jobs(h: Harness)
     h.apply()
     h.write("pair.yaml", envelope("x") + "---\n" + envelope("y").replace("engine: docker",
                                                                          "engine: spark"))
-    h.apply()
+    h.apply(expect=1)
     assert h.states("x") == ["New"] and h.states("y") == ["New"]
     h.write("pair.yaml", "{{{ not yaml")  # a file that no longer parses at all
-    h.apply()
+    h.apply(expect=1)
     assert h.states("x") == ["New"] and h.states("y") == ["New"]
     assert {"x", "y", "z"} <= set(h.records())
 
@@ -114,7 +114,7 @@ def test_duplicate_names_are_both_invalid(h: Harness) -> None:
     h.write("one.yaml", envelope("dup"))
     h.apply()
     h.write("two.yaml", envelope("dup", image="alpine"))
-    result = h.apply()
+    result = h.apply(expect=1)
     assert h.states("dup") == ["New"]  # the existing job is held, not replaced
     errors = [e for e in h.events(result) if e["event"] == "manifest.invalid"]
     assert sorted(e["path"] for e in errors) == ["one.yaml", "two.yaml"]
@@ -133,7 +133,7 @@ def test_unusable_folder_is_not_ready_and_cancels_nothing(h: Harness, make: str)
     elif make == "file-instead":
         h.root.rmdir()
         h.root.write_text("not a folder")
-    result = h.apply(expect=3)
+    result = h.apply(expect=1)  # README, "Exit codes"
     assert h.states("a") == ["New"]
     assert "not ready" in result.stdout
     assert any(e["event"] == "source.not_ready" for e in h.events(result))
@@ -157,7 +157,7 @@ def test_unreadable_files_hold_their_jobs(h: Harness) -> None:
     os.symlink("a.yaml", h.root / "a.yaml")  # a loop: ELOOP on open
     (h.root / "b.yaml").unlink()
     os.symlink("nowhere.yaml", h.root / "b.yaml")
-    result = h.apply()
+    result = h.apply(expect=1)
     assert h.states("a") == ["New"] and h.states("b") == ["New"]
     reasons = {e["path"]: e["reason"] for e in h.events(result) if e["event"] == "manifest.invalid"}
     assert "Too many levels of symbolic links" in reasons["a.yaml"]
@@ -195,7 +195,7 @@ def test_permission_denied_holds(unprivileged: Harness) -> None:
     (h.root / "a.yaml").chmod(0)
     (h.root / "b.yaml").chmod(0o644)
     h.write("b.yaml", envelope("b", "alpine:3.20"))
-    result = h.apply()
+    result = h.apply(expect=1)
     assert "a.yaml:1: file: cannot read (Permission denied)" in result.stdout, result.stdout
     assert result.stdout.splitlines()[-1].startswith("degraded; 1 manifests; 1 held")
     events = h.events(result)
@@ -216,7 +216,7 @@ def test_mass_removal_is_blocked_then_allowed_once(h: Harness) -> None:
     assert "prune.blocked" in result.stdout
     assert all(h.states(n) == ["New"] for n in "abcde")
     plan = h.cli("plan")
-    assert plan.returncode == 0  # blocked cancels are not changes
+    assert plan.returncode == 3  # a guard blocks (README, "Exit codes")
     assert "x blocked" in plan.stdout
     h.apply("--allow-mass-cancel")
     assert all(h.states(n) == ["Cancelled"] for n in "abcde")
@@ -275,10 +275,10 @@ spec:
 """)
     h.write("broken.yaml", envelope("broken", env=(f"TOKEN={secret}",)).replace(
         "image: ubuntu:22.04", f"image: {{{secret}: 1}}"))
-    outputs = [h.apply(), h.cli("plan", "--json"), h.cli("plan"), h.cli("status"),
+    outputs = [h.apply(expect=1), h.cli("plan", "--json"), h.cli("plan"), h.cli("status"),
                h.cli("status", "--json"), h.cli("validate")]
     (h.root / "a.yaml").unlink()
-    outputs.append(h.apply())
+    outputs.append(h.apply(expect=1))
     for result in outputs:
         assert secret not in result.stdout + result.stderr
     # The requester itself got the values (they are the job's), of course.

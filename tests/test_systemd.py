@@ -131,3 +131,11 @@ def test_journal_stream_gets_priority_prefixes(tmp_path: Path, dev: DevProcess,
     assert any(line.startswith('<6>{"manifests"') for line in lines)
     assert any(line.startswith("<3>{") and "manifest.invalid" in line for line in lines)
     assert all(re.match(r"<\d>\{", line) for line in lines if line.strip())
+
+
+def test_unit_documentation_points_at_this_project() -> None:
+    [line] = [x for x in UNIT.read_text().splitlines() if x.startswith("Documentation=")]
+    assert "bacalhau-project" not in line
+    assert "/usr/share/doc/reconciler/README.md" in line
+    readme = (ROOT / "README.md").read_text()
+    assert "/usr/share/doc/reconciler" in readme  # the install steps put it there

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,13 +27,14 @@ from reconciler.backends.legacy import (
     Unreachable,
 )
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
-from reconciler.domain.desired import collect
+from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
+from reconciler.domain.specview import spec_view, view_changes
 from reconciler.engine.executor import ApplyReport, Executor
 from reconciler.engine.observe import observe
 from reconciler.engine.reconcile import PassResult, Reconciler
-from reconciler.events import scrub_text
-from reconciler.settings import Settings, SettingsError, load_settings
+from reconciler.events import iso_time, scrub_text
+from reconciler.settings import Settings, SettingsError, load_settings, parse_duration
 from reconciler.sources.folder import FolderSource
 from reconciler.sources.git import GitError, GitSource
 from reconciler.store.sqlite import Store, StoreError
@@ -42,65 +44,114 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_ERROR, EXIT_CHANGES, EXIT_BLOCKED = 0, 1, 2, 3
 
 
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_option_callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """``--log-format``/``--log-level`` work before and after the command: each use records
+    its value on the root context, and events are configured again with what is known."""
+    if value is None:
+        return value
+    meta = ctx.find_root().meta
+    meta[f"reconciler.{param.name}"] = value
+    events.configure(meta.get("reconciler.log_format", "auto"),
+                     meta.get("reconciler.log_level", "info"))
+    return value
+
+
+def log_options(command: F) -> F:
+    for option in reversed([
+        click.option("--log-format", type=click.Choice(["auto", "json", "console"]),
+                     default=None, expose_value=False, callback=_log_option_callback,
+                     help="Event format: JSON lines, console lines, or by whether stderr is a "
+                     "terminal (console lines on a terminal, JSON otherwise) [default: auto, "
+                     "or log_format from the config]."),
+        click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False),
+                     default=None, expose_value=False, callback=_log_option_callback,
+                     help="Least severe events shown [default: info]."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--log-format",
-    type=click.Choice(["auto", "json", "console"]),
-    default="auto",
-    show_default=True,
-    help="Event format: JSON lines, console lines, or by whether stderr is a terminal.",
-)
-@click.option("--log-level", default="info", show_default=True)
+@log_options
 @click.version_option(package_name="reconciler")
-def main(log_format: events.LogFormat, log_level: str) -> None:
+def main() -> None:
     """Keep a Bacalhau network in line with a folder of job manifests."""
-    events.configure(log_format, log_level)
+    meta = click.get_current_context().meta
+    if "reconciler.log_format" not in meta and "reconciler.log_level" not in meta:
+        events.configure("auto", "info")
+
+
+def _configure_from(settings: Settings) -> None:
+    """``log_format`` from the config applies unless ``--log-format`` was given."""
+    meta = click.get_current_context().find_root().meta
+    if "reconciler.log_format" not in meta and settings.log_format != "auto":
+        events.configure(settings.log_format, meta.get("reconciler.log_level", "info"))
 
 
 class Duration(click.ParamType[float]):
     """Seconds, written ``30``, ``30s``, ``5m`` or ``1h``."""
 
     name = "duration"
-    _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        text = str(value).strip().lower()
-        unit = self._UNITS.get(text[-1:], None)
-        try:
-            return float(text[:-1]) * unit if unit else float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a duration (e.g. 30s, 5m)", param, ctx)
+        seconds = parse_duration(value)
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            return float(seconds)
+        self.fail(f"{value!r} is not a duration (e.g. 30s, 5m)", param, ctx)
 
 
-def common_options(command: F) -> F:
-    """Options every reconciling command shares; each is also a setting (RECONCILER_*)."""
-    options = [
-        click.option("--config", type=click.Path(path_type=Path),
-                     help="TOML config file [default: /etc/reconciler/config.toml]."),
-        click.option("--manifests", type=click.Path(path_type=Path),
-                     help="Folder of job manifests [default: ./manifests]."),
-        click.option("--endpoint", help="Requester base URL [default: http://127.0.0.1:1234]."),
-        click.option("--key", type=click.Path(path_type=Path), help="Signing key file."),
-        click.option("--state", type=click.Path(path_type=Path), help="State database."),
-        click.option("--git-url", help="Follow this git repository instead of a folder."),
-        click.option("--git-ref", help="Branch or tag to follow [default: main]."),
-        click.option("--git-path", help="Folder of manifests inside the repository."),
-        click.option("--git-interval", type=Duration(),
-                     help="Time between fetches, e.g. 30s [default: 30s]."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+#: Options shared by the commands; each is also a setting (RECONCILER_*). A command lists the
+#: ones it uses; the others are still accepted (scripts may pass a common set) but hidden.
+_SHARED: dict[str, Callable[..., Any]] = {
+    "config": lambda hidden: click.option(
+        "--config", type=click.Path(path_type=Path), hidden=hidden,
+        help="TOML config file [default: /etc/reconciler/config.toml]."),
+    "manifests": lambda hidden: click.option(
+        "--manifests", type=click.Path(path_type=Path), hidden=hidden,
+        help="Folder of job manifests [default: ./manifests]."),
+    "endpoint": lambda hidden: click.option(
+        "--endpoint", hidden=hidden, help="Requester base URL [default: http://127.0.0.1:1234]."),
+    "key": lambda hidden: click.option(
+        "--key", type=click.Path(path_type=Path), hidden=hidden, help="Signing key file."),
+    "state": lambda hidden: click.option(
+        "--state", type=click.Path(path_type=Path), hidden=hidden, help="State database."),
+    "git_url": lambda hidden: click.option(
+        "--git-url", hidden=hidden, help="Follow this git repository instead of a folder."),
+    "git_ref": lambda hidden: click.option(
+        "--git-ref", hidden=hidden, help="Branch or tag to follow [default: main]."),
+    "git_path": lambda hidden: click.option(
+        "--git-path", hidden=hidden, help="Folder of manifests inside the repository."),
+    "git_interval": lambda hidden: click.option(
+        "--git-interval", type=Duration(), hidden=hidden,
+        help="Time between fetches, e.g. 30s [default: 30s]."),
+    "allow_empty": lambda hidden: click.option(
+        "--allow-empty/--no-allow-empty", default=None, hidden=hidden,
+        help="An empty folder means 'cancel everything' instead of 'not ready' "
+        "[default: no]."),
+}
+_SOURCE = ("config", "manifests", "state", "git_url", "git_ref", "git_path", "allow_empty")
+
+
+def common_options(*uses: str) -> Callable[[F], F]:
+    """Add every shared option to a command, listing (in --help) only those in ``uses``."""
+    def decorate(command: F) -> F:
+        for name in reversed(_SHARED):
+            command = _SHARED[name](name not in uses)(command)
+        return log_options(command)
+    return decorate
 
 
 def settings_from(config: Path | None, **flags: Any) -> Settings:
     try:
-        return load_settings(config, **flags)
+        settings = load_settings(config, **flags)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    _configure_from(settings)
+    return settings
 
 
 def signer_from(settings: Settings) -> Signer:
@@ -115,56 +166,109 @@ def opened_store(settings: Settings, *, writer: bool) -> Iterator[Store]:
     try:
         store = Store(settings.state_path(), writer=writer)
     except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(scrub_text(str(exc))) from None
     try:
         yield store
     finally:
         store.close()
 
 
+def out(text: str = "", **style: Any) -> None:
+    """One line on stdout: styled on a terminal (click strips the codes elsewhere), never
+    with NO_COLOR set (https://no-color.org), credentials in URLs always masked."""
+    line = scrub_text(text)
+    no_color = bool(os.environ.get("NO_COLOR"))
+    click.echo(click.style(line, **style) if style and not no_color else line,
+               color=False if no_color else None)
+
+
 # --- validate / plan / apply / status ----------------------------------------------------
 
 
 @main.command()
+@common_options("config", "manifests")
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
-def validate(directory: Path | None) -> None:
-    """Check every manifest; one line per error. Exit 0 when all are valid."""
-    root = directory or settings_from(None).manifests
-    desired = collect(FolderSource(root).read())
+def validate(config: Path | None, directory: Path | None, **flags: Any) -> None:
+    """Check every manifest: one line per problem. Exit 0 when all are valid, else 1.
+
+    DIRECTORY is the same as --manifests (kept for older scripts)."""
+    if directory is not None:
+        flags["manifests"] = directory
+    settings = settings_from(config, **flags)
+    desired = collect(FolderSource(settings.manifests).read())
     if not desired.ready:
-        click.echo(f"error: {desired.reason}", err=True)
+        click.echo(f"error: {scrub_text(desired.reason)}", err=True)
         sys.exit(EXIT_ERROR)
     for error in desired.errors:
-        click.echo(str(error))
+        out(str(error))
     click.echo(f"{len(desired.manifests)} valid, {len(desired.errors)} errors", err=True)
     sys.exit(EXIT_ERROR if desired.errors else EXIT_OK)
 
 
+def plan_exit(desired: Desired, the_plan: Plan) -> int:
+    """``plan`` and ``apply --dry-run``: 1 a manifest error or the source not ready, 3 a
+    guard blocks, 2 changes, 0 nothing to do (README, "Exit codes")."""
+    if not the_plan.ready or desired.errors:
+        return EXIT_ERROR
+    if the_plan.blocked:
+        return EXIT_BLOCKED
+    return EXIT_CHANGES if the_plan.changes else EXIT_OK
+
+
+def _preview(settings: Settings, allow_mass_cancel: bool = False
+             ) -> tuple[Desired, Plan, Changes]:
+    """The offline plan, as a one-shot ``apply`` would make it (it tries failed actions now,
+    without the daemon's backoff)."""
+    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel, honour_backoff=False)
+    with opened_store(settings, writer=False) as store:
+        desired, the_plan = Reconciler(settings.source(), store, policy).plan(policy)
+        return desired, the_plan, replace_changes(store, the_plan)
+
+
+Changes = dict[str, list[str]]
+
+
+def replace_changes(store: Store, the_plan: Plan) -> Changes:
+    """A replace's changed fields (``docker.image: a → b``), from the view the store kept of
+    the running spec; secret values are never part of a view (domain/specview.py)."""
+    changes: Changes = {}
+    for decision in the_plan.by_action(Action.REPLACE, Action.WAIT):
+        if decision.record is None or decision.manifest is None:
+            continue
+        old = store.view(decision.record.spec_hash)
+        if old is not None and decision.record.spec_hash != decision.manifest.spec_hash:
+            changes[decision.name] = view_changes(old, spec_view(decision.manifest.wire()))
+    return changes
+
+
 @main.command("plan")
-@common_options
+@common_options(*_SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="Also list unchanged names.")
 def plan_command(config: Path | None, as_json: bool, show_all: bool, **flags: Any) -> None:
-    """Show what apply would do and why. Offline. Exit 0 no changes, 2 changes, 1 error."""
+    """Show what apply would do and why. Offline.
+
+    Exit 0 nothing to do, 2 changes, 1 a manifest error or the source not ready, 3 a guard
+    blocks."""
     settings = settings_from(config, **flags)
-    with opened_store(settings, writer=False) as store:
-        reconciler = Reconciler(settings.source(), store, settings.plan_policy())
-        desired, the_plan = reconciler.plan()
+    desired, the_plan, changes = _preview(settings)
     errors = [str(e) for e in desired.errors]
     if as_json:
-        click.echo(json.dumps(plan_json(the_plan, errors), indent=2))
+        out(json.dumps(plan_json(the_plan, errors, changes), indent=2))
     else:
-        print_plan(the_plan, errors, show_all)
-    sys.exit(EXIT_CHANGES if the_plan.changes else EXIT_OK)
+        print_plan(the_plan, errors, show_all, changes)
+    sys.exit(plan_exit(desired, the_plan))
 
 
-def plan_json(the_plan: Plan, errors: list[str]) -> dict[str, Any]:
+def plan_json(the_plan: Plan, errors: list[str], changes: Changes | None = None
+              ) -> dict[str, Any]:
     return {
         "ready": the_plan.ready,
         "revision": the_plan.revision,
         "decisions": [
             {"name": d.name, "action": str(d.action), "reason": d.reason, "path": d.path,
-             "job_id": d.job_id}
+             "job_id": d.job_id} | ({"changes": (changes or {})[d.name]}
+                                    if d.name in (changes or {}) else {})
             for d in the_plan.decisions
         ],
         "guards": [{"name": g.name, "reason": g.reason, "names": list(g.names)}
@@ -173,57 +277,86 @@ def plan_json(the_plan: Plan, errors: list[str]) -> dict[str, Any]:
     }
 
 
-def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False) -> None:
+_COLOURS = {Action.SUBMIT: "green", Action.RESUBMIT: "green", Action.REPLACE: "yellow",
+            Action.CANCEL: "red", Action.FORGET: "red", Action.RESOLVE: "cyan",
+            Action.UPDATE: "cyan", Action.HOLD: "magenta", Action.BLOCKED: "red",
+            Action.WAIT: "blue"}
+
+
+def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False,
+               changes: Changes | None = None) -> None:
     for decision in the_plan.decisions:
         if decision.action is Action.NOOP and not show_all:
             continue
         job = f" [{decision.job_id}]" if decision.job_id else ""
-        click.echo(f"{SYMBOLS[decision.action]} {decision.action:<8} {decision.name}{job}: "
-                   f"{decision.reason}")
-    for guard in the_plan.guards:
-        click.echo(f"guard {guard.name}: {guard.reason}")
+        out(f"{SYMBOLS[decision.action]} {decision.action:<8} {decision.name}{job}: "
+            f"{decision.reason}", fg=_COLOURS.get(decision.action))
+        for change in (changes or {}).get(decision.name, ()):
+            out(f"    {change}", fg=_COLOURS.get(decision.action))
+    for guard in the_plan.guards:  # a guard's reason once, not on every job it holds
+        out(f"guard {guard.name}: {guard.reason}", fg="red", bold=True)
     for error in errors:
-        click.echo(f"error {error}")
+        out(f"error {error}", fg="red")
+    if not the_plan.changes:
+        out("No changes.")
+        return
     counts = {a: len(the_plan.by_action(a)) for a in Action}
-    click.echo(
+    out(
         f"Plan: {counts[Action.SUBMIT] + counts[Action.RESUBMIT]} to submit, "
         f"{counts[Action.REPLACE]} to replace, {counts[Action.CANCEL]} to cancel, "
         f"{counts[Action.RESOLVE]} to resolve, {counts[Action.FORGET]} to forget, "
         f"{counts[Action.UPDATE]} to update, "
-        f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked."
+        f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked.", bold=True
     )
 
 
 @main.command("apply")
-@common_options
+@common_options("endpoint", "key", *_SOURCE)
 @click.option("--allow-mass-cancel", is_flag=True,
               help="Allow this one run to cancel past the mass-cancel guard.")
-@click.option("--dry-run", is_flag=True, help="Plan and print only; change nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Plan and print only; change nothing (exit codes as for plan).")
 def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
                   **flags: Any) -> None:
-    """Run passes until nothing is left to do. Exit 0 done, 1 errors, 3 blocked by a guard."""
+    """Act now, until nothing is left to do; failed actions are tried again at once (backoff
+    is the daemon's). Prints the plan, then progress, then a summary.
+
+    Exit 0 converged, 1 errors (or not converged), 3 blocked by a guard."""
     settings = settings_from(config, **flags)
     if dry_run:
-        with opened_store(settings, writer=False) as store:
-            policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
-            desired, the_plan = Reconciler(settings.source(), store, policy).plan(policy)
-        print_plan(the_plan, [str(e) for e in desired.errors])
-        sys.exit(EXIT_OK)
+        desired, the_plan, changes = _preview(settings, allow_mass_cancel)
+        print_plan(the_plan, [str(e) for e in desired.errors], changes=changes)
+        sys.exit(plan_exit(desired, the_plan))
     signer = signer_from(settings)
     with opened_store(settings, writer=True) as store:
-        result = asyncio.run(apply_until_settled(settings, signer, store, allow_mass_cancel))
-    print_plan(result.plan, [str(e) for e in result.desired.errors])
-    click.echo(result.summary())
-    if result.plan.blocked or not result.plan.ready:
+        outcome = asyncio.run(apply_until_settled(settings, signer, store, allow_mass_cancel))
+    result = outcome.result
+    out(result.summary(), bold=True)
+    for error in result.report.errors:
+        out(f"error {error}", fg="red")
+    if not result.plan.ready or result.desired.errors:
+        sys.exit(EXIT_ERROR)
+    if result.plan.blocked:
         sys.exit(EXIT_BLOCKED)
-    sys.exit(EXIT_ERROR if result.report.failed else EXIT_OK)
+    if not outcome.converged:
+        click.echo("not converged: " + (
+            "actions failed" if result.report.failed else "decisions still pending"), err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_OK)
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    result: PassResult
+    #: The last pass found nothing left to do (nothing failed, nothing waiting).
+    converged: bool
 
 
 async def apply_until_settled(
     settings: Settings, signer: Signer, store: Store, allow_mass_cancel: bool, rounds: int = 5
-) -> PassResult:
+) -> ApplyOutcome:
     """Passes until a plan has no changes (a replace or resolve can take two passes)."""
-    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
+    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel, honour_backoff=False)
     source = settings.source()
     if isinstance(source, GitSource):
         try:
@@ -242,16 +375,26 @@ async def apply_until_settled(
             await observe(store, client, policy)
         except RequesterError as exc:  # planning goes on; effects meet the same error
             structlog.get_logger("reconciler").warning("observe.failed", error=str(exc))
+        desired, preview = reconciler.plan()
+        # The plan first, then act.
+        print_plan(preview, [str(e) for e in desired.errors],
+                   changes=replace_changes(store, preview))
         first = result = await reconciler.run_pass(executor)
         for _ in range(rounds - 1):
             if not result.plan.changes or result.report.failed:
                 break
             result = await reconciler.run_pass(executor)
+        converged = (not result.plan.changes and not result.report.failed
+                     and not result.plan.by_action(Action.WAIT))
+        if result.plan.changes and not result.report.failed:
+            # The last pass acted: converged only if what it left needs nothing more.
+            _, after = reconciler.plan()
+            converged = not after.changes and not after.by_action(Action.WAIT)
         if result is not first:
             counts = first.report.counts + result.report.counts
             report = ApplyReport(counts, first.report.errors + result.report.errors)
             result = PassResult(result.desired, first.plan, report, result.duration)
-        return result
+        return ApplyOutcome(result, converged)
 
 
 def _progress_line(done: int, total: int) -> None:
@@ -260,35 +403,53 @@ def _progress_line(done: int, total: int) -> None:
     click.echo(end, nl=False, err=True)
 
 
+_STATE_COLOURS = {"ready": "green", "degraded": "yellow", "not ready": "red"}
+
+
 @main.command()
-@common_options
+@common_options(*_SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
 @click.option("--approvals", is_flag=True, help="List approval requests (pending first).")
 def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) -> None:
-    """One row per managed name, and the overall state (ready / degraded / not ready)."""
+    """One row per managed name, and the overall state (ready / degraded / not ready).
+
+    Exit 1 when there is no state database yet."""
     settings = settings_from(config, **flags)
+    if not settings.state_path().exists():
+        raise click.ClickException(
+            f"no state yet: {settings.state_path()} does not exist (nothing has been "
+            "reconciled with this --state; run `reconciler run` or `reconciler apply`)")
     if approvals:
         _print_approvals(settings, as_json)
         return
+    refreshed = time.time()
     with opened_store(settings, writer=False) as store:
         reconciler = Reconciler(settings.source(), store, settings.plan_policy())
         desired, the_plan = reconciler.plan()
         records = store.records()
     overall = PassResult(desired, the_plan).overall
     held = len(the_plan.by_action(Action.HOLD))
+    holds = {d.name: d.reason for d in the_plan.by_action(Action.HOLD)}
+    written = max((r.updated_at for r in records), default=0.0)
     rows = [
-        {"name": r.name, "phase": str(r.phase), "job_id": r.job_id, "job_state": r.job_state,
-         "spec_hash": r.spec_hash[:12], "source": r.path, "revision": r.revision,
-         "last_error": r.last_error}
+        {"name": r.name, "phase": "held" if r.name in holds else str(r.phase),
+         "job_id": r.job_id, "job_state": r.job_state, "spec_hash": r.spec_hash[:12],
+         "source": r.path, "revision": r.revision,
+         "last_error": holds.get(r.name) or r.last_error}
         for r in records
     ]
     if as_json:
-        click.echo(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
-                               if the_plan.guards else "", "jobs": rows}, indent=2))
+        out(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
+                        if the_plan.guards else "", "refreshed_at": iso_time(refreshed),
+                        "recorded_at": iso_time(written), "jobs": rows}, indent=2))
         return
-    click.echo(f"state: {overall}" + (f" ({held} held manifests)" if held else ""))
+    out(f"state: {overall}" + (f" ({held} held manifests)" if held else ""),
+        fg=_STATE_COLOURS.get(overall), bold=True)
+    age = f" ({refreshed - written:.0f}s ago)" if written else ""
+    out(f"as of {iso_time(refreshed)}: source read now; store last written "
+        f"{iso_time(written) or 'never'}{age}")
     for guard in the_plan.guards:
-        click.echo(f"guard {guard.name}: {guard.reason}")
+        out(f"guard {guard.name}: {guard.reason}", fg="red")
     header = ("NAME", "PHASE", "JOB ID", "JOB STATE", "SPEC", "SOURCE", "LAST ERROR")
     table = [header] + [
         (r["name"], r["phase"], r["job_id"] or "-", r["job_state"] or "-", r["spec_hash"],
@@ -298,14 +459,15 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
     for row in table:
         cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
-        click.echo("  ".join([*cells, str(row[-1])]).rstrip())
+        out("  ".join([*cells, str(row[-1])]).rstrip(),
+            fg="magenta" if row[1] == "held" else None)
 
 
 # --- the daemon ----------------------------------------------------------------------------
 
 
 @main.command()
-@common_options
+@common_options("endpoint", "key", "git_interval", *_SOURCE)
 @click.option("--watch", type=click.Choice(["inotify", "poll"]),
               help="How to notice changes [default: inotify; poll for NFS and the like].")
 @click.option("--metrics-listen", help="host:port for /metrics, /healthz, /readyz, /sync.")
@@ -317,8 +479,6 @@ def run(config: Path | None, dev: bool, **flags: Any) -> None:
     from reconciler.service.daemon import Daemon
 
     settings = settings_from(config, **flags)
-    if settings.log_format != "auto":
-        events.configure(settings.log_format)
     dev_overrides: dict[str, Any] = {}
     requester = None
     if dev:
@@ -354,7 +514,13 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
         "memory and end when this process stops", manifests=str(settings.manifests.absolute()),
         key=str(key), state=str(state))
     requester = DevRequesterThread(DevConfig(job_duration=30.0)).start()
-    structlog.get_logger("reconciler").info("dev.requester", endpoint=requester.url)
+    manifests = str(settings.manifests.absolute())
+    hint = (f"reconciler status --state {state} --manifests {manifests}; "
+            f"reconciler plan --state {state} --manifests {manifests}")
+    structlog.get_logger("reconciler").info("dev.requester", endpoint=requester.url, hint=hint)
+    if sys.stderr.isatty():  # otherwise stderr is JSON events, and dev.requester has the hint
+        click.echo(f"dev requester listening on {requester.url}; from another terminal, "
+                   f"while this runs:\n  {hint.replace('; ', chr(10) + '  ')}", err=True)
     return requester, {"endpoint": requester.url, "key": key, "state": state,
                        "api_prefix": "/api/v1"}
 
@@ -363,7 +529,7 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
 
 
 @main.command()
-@common_options
+@common_options("config", "key", "state")
 @click.argument("job_id")
 @click.option("--node", help="Compute node base URL [default: the callback of the recorded "
               "pending approval].")
@@ -452,6 +618,7 @@ def _print_approvals(settings: Settings, as_json: bool) -> None:
 
 
 @main.command()
+@log_options
 @click.option("--type", "key_type", type=click.Choice(["rsa", "ed25519"]), default="rsa",
               show_default=True, help="rsa works with every Bacalhau requester; ed25519 with "
               "the dev requester only.")
@@ -467,6 +634,7 @@ def keygen(key_type: str, out: Path) -> None:
 
 
 @main.command("dev-requester")
+@log_options
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=1234, show_default=True, help="0 picks a free port.")
 @click.option("--port-file", type=click.Path(path_type=Path),
@@ -514,4 +682,10 @@ def dev_requester(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    serve(config, host, port, port_file)
+
+    def announce(bound: int) -> None:
+        url = f"http://{host}:{bound}"
+        click.echo(f"dev requester listening on {url} (point the reconciler at it: "
+                   f"--endpoint {url})", err=True)
+
+    serve(config, host, port, port_file, announce=announce)

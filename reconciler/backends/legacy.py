@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import httpx
 
 from reconciler.backends.signing import Signer, signed_body
-from reconciler.events import clean
+from reconciler.events import clean, scrub_text
 
 __all__ = [
     "AlreadyTerminal",
@@ -275,6 +275,7 @@ class ApiClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._signer = signer
+        self._endpoint = scrub_text(endpoint.rstrip("/"))  # for messages: no credentials
         self._prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
@@ -399,7 +400,10 @@ class ApiClient:
             response = await self._http.post(url, content=body)
             status = response.status_code
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise Unreachable(f"{operation}: cannot connect: {type(exc).__name__}") from exc
+            # Name the endpoint: "cannot connect" alone leaves the operator guessing which.
+            where = scrub_text(url) if absolute else self._endpoint
+            raise Unreachable(f"{operation}: cannot connect to {where}: {type(exc).__name__}"
+                              ) from exc
         except httpx.TransportError as exc:
             raise _SentNoReply(f"{operation}: {type(exc).__name__}") from exc
         finally:

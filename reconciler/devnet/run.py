@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -38,12 +39,15 @@ def write_port_file(path: Path, port: int) -> None:
     os.replace(tmp, path)  # readers see the whole number or nothing
 
 
-def serve(config: DevConfig, host: str, port: int, port_file: Path | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn handles both)."""
+def serve(config: DevConfig, host: str, port: int, port_file: Path | None = None,
+          announce: Callable[[int], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both); ``announce`` gets the bound port."""
     sock = bind(host, port)
     app = DevRequester(config)
     if port_file is not None:
         write_port_file(port_file, sock.getsockname()[1])
+    if announce is not None:
+        announce(sock.getsockname()[1])
     _server(app).run(sockets=[sock])
 
 

@@ -16,15 +16,17 @@ Two forms are read, from YAML (several documents allowed) or JSON:
    ``startingDeadline``, ``keepRuns`` and ``suspend`` in ``policy`` (``domain/schedule.py``);
 
 Errors are rendered ``path:line: field.path: message`` from pydantic's
-``errors(include_input=False)``: no input value is ever echoed, so secrets in a broken manifest
-stay out of logs. A document whose spec is broken but whose name can still be read reports
-that name, so the planner holds its job even if the file moved.
+``errors(include_input=False)``, one per problem: no input value is ever echoed, so secrets
+in a broken manifest stay out of logs. A document whose spec is broken but whose name can
+still be read reports that name, so the planner holds its job even if the file moved.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -262,8 +264,10 @@ def load_file(path: str, data: bytes) -> FileResult:
             manifests.append(outcome)
         elif isinstance(outcome, PolicyManifest):
             policies.append(outcome)
-        else:
+        elif isinstance(outcome, LoadError):
             errors.append(outcome)
+        else:
+            errors.extend(outcome)
     if not manifests and not errors and not policies:
         errors.append(LoadError(path, 1, "file", "no documents"))
     return FileResult(path, tuple(manifests), tuple(errors), tuple(policies))
@@ -355,12 +359,16 @@ def _check_size(value: object) -> None:
             stack.extend(item)
 
 
-def _read_document(
-    path: str, stem: str, doc: _Document
-) -> Manifest | PolicyManifest | LoadError:
+Outcome = Manifest | PolicyManifest | LoadError | tuple[LoadError, ...]
+
+
+def _read_document(path: str, stem: str, doc: _Document) -> Outcome:
     value = doc.value
     if not isinstance(value, dict):
         return LoadError(path, doc.line, "document", "must be a mapping")
+    unsupported = _unsupported_api(path, doc, value)
+    if unsupported is not None:
+        return unsupported
     if _is_envelope(value) and value.get("kind") == "ApprovalPolicy":
         return _read_policy(path, doc, value)
     if _is_envelope(value):
@@ -375,12 +383,23 @@ def _is_envelope(value: Mapping[object, object]) -> bool:
     )
 
 
-def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Manifest | LoadError:
+def _unsupported_api(path: str, doc: _Document, value: dict[Any, Any]) -> LoadError | None:
+    """``reconciler/v2`` is a newer envelope, not a native job file with odd fields."""
+    for key, val in value.items():
+        if (isinstance(key, str) and key.lower() == "apiversion" and isinstance(val, str)
+                and val.startswith("reconciler/") and val != ENVELOPE_API):
+            return LoadError(path, _line_of(doc, (key,)), key,
+                             f"unsupported apiVersion (this reconciler reads {ENVELOPE_API})",
+                             _claimed_name(value))
+    return None
+
+
+def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
     claimed = _claimed_name(value)
     try:
         envelope = _Envelope.model_validate(value)
     except ValidationError as exc:
-        return _validation_error(path, doc, exc, claimed)
+        return _validation_errors(path, doc, exc, claimed, _Envelope)
     name = envelope.metadata.name
     if not is_manifest_name(name):
         return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
@@ -388,14 +407,14 @@ def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Manifest
                        envelope.policy)
 
 
-def _read_policy(path: str, doc: _Document, value: dict[Any, Any]) -> PolicyManifest | LoadError:
+def _read_policy(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
     claimed = _claimed_name(value)
     try:
         envelope = _PolicyEnvelope.model_validate(value)
     except ValidationError as exc:
-        error = _validation_error(path, doc, exc, claimed)
-        return LoadError(error.path, error.line, error.field, error.message, claimed,
-                         "ApprovalPolicy")
+        return tuple(
+            LoadError(e.path, e.line, e.field, e.message, claimed, "ApprovalPolicy")
+            for e in _validation_errors(path, doc, exc, claimed, _PolicyEnvelope))
     name = envelope.metadata.name
     if not is_manifest_name(name):
         return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
@@ -403,15 +422,13 @@ def _read_policy(path: str, doc: _Document, value: dict[Any, Any]) -> PolicyMani
     return PolicyManifest(name, envelope.spec, hash_wire(body), path, doc.line)
 
 
-def _read_native(
-    path: str, stem: str, doc: _Document, value: dict[Any, Any]
-) -> Manifest | LoadError:
+def _read_native(path: str, stem: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
     claimed = (stem,) if is_manifest_name(stem) else ()
     try:
         native = _Native.model_validate(canonical_keys(_Native, value))
     except (ValidationError, ValueError) as exc:
         if isinstance(exc, ValidationError):
-            return _validation_error(path, doc, exc, claimed)
+            return _validation_errors(path, doc, exc, claimed, _Native)
         return LoadError(path, doc.line, "document", str(exc), claimed)
     if not claimed:
         return _name_error(path, doc.line, "file name")
@@ -432,18 +449,59 @@ def _name_error(path: str, line: int, where: str) -> LoadError:
     )
 
 
-def _validation_error(
-    path: str, doc: _Document, exc: ValidationError, claimed: tuple[str, ...]
-) -> LoadError:
-    """The first error, as ``field.path: message``; the rest are counted, never echoed."""
+def _validation_errors(
+    path: str, doc: _Document, exc: ValidationError, claimed: tuple[str, ...],
+    model: type[BaseModel],
+) -> tuple[LoadError, ...]:
+    """Every problem, each as ``field.path: message`` (``validate`` lists them all; an
+    unknown field names the nearest known one). No input value is echoed."""
     errors = exc.errors(include_input=False, include_url=False, include_context=False)
-    first = errors[0]
-    loc = _field_path(first["loc"])
-    message = str(first["msg"]).removeprefix("Value error, ")
-    more = len(errors) - 1
-    if more:
-        message += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return LoadError(path, _line_of(doc, first["loc"]), loc or "document", message, claimed)
+    found: list[LoadError] = []
+    for error in errors:
+        loc = error["loc"]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            nearest = _nearest_field(model, loc[:-1], loc[-1])
+            if nearest:
+                message += f" (did you mean `{nearest}`?)"
+        found.append(LoadError(path, _line_of(doc, loc), _field_path(loc) or "document",
+                               message, claimed))
+    return tuple(found)
+
+
+def _nearest_field(root: type[BaseModel], parent: Sequence[int | str], key: str) -> str | None:
+    """The known field of the model at ``parent`` closest to ``key``, written in the style of
+    ``key`` (``image`` for ``imgae``; Go's ``Image`` for ``Imgae``)."""
+    model: type[BaseModel] | None = root
+    for part in parent:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for name, f in model.model_fields.items()
+                      if part in (name, f.alias)), None)
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None:
+        return None
+    names = {(f.alias or name).replace("_", "").lower(): f.alias or name
+             for name, f in model.model_fields.items()}
+    match = difflib.get_close_matches(key.replace("_", "").lower(), list(names), n=1,
+                                      cutoff=0.6)
+    if not match:
+        return None
+    wanted = names[match[0]]
+    if key[:1].islower() and wanted[:1].isupper():
+        wanted = wanted.lower() if wanted.isupper() else wanted[0].lower() + wanted[1:]
+    return wanted
+
+
+def _model_in(annotation: object) -> type[BaseModel] | None:
+    """The pydantic model inside ``X``, ``X | None``, ``list[X]`` or ``Annotated[X, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        model = _model_in(argument)
+        if model is not None:
+            return model
+    return None
 
 
 def _field_path(loc: Sequence[int | str]) -> str:

@@ -71,6 +71,8 @@ class PlanPolicy:
     allow_mass_cancel: bool = False
     backoff_base: float = 10.0
     backoff_max: float = 600.0
+    #: The daemon spaces retries out; a one-shot ``apply`` (and its previews) tries now.
+    honour_backoff: bool = True
 
     def backoff(self, attempts: int) -> float:
         return float(min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1)))
@@ -145,7 +147,8 @@ def _not_ready_reason(desired: Desired, policy: PlanPolicy) -> str:
 
 def _hold_everything(desired: Desired, records: Mapping[str, Record], reason: str) -> Plan:
     decisions = tuple(
-        Decision(r.name, Action.HOLD, f"source not ready: {reason}", r.path, r.job_id, record=r)
+        # The reason is the guard's, given once (plan output, the source.not_ready event).
+        Decision(r.name, Action.HOLD, "source not ready", r.path, r.job_id, record=r)
         for r in sorted(records.values(), key=lambda r: r.name)
     )
     guard = Guard("source.not_ready", reason, tuple(d.name for d in decisions))
@@ -271,17 +274,19 @@ def _decide_finished_same(
         return decision(Action.NOOP, "unchanged; job was cancelled outside the reconciler "
                         "(change the manifest to run it again)")
     if phase is Phase.ERROR:
-        return _retry(decision, record, now, Action.SUBMIT, "earlier submit failed")
+        return _retry(decision, record, now, Action.SUBMIT, "earlier submit failed", policy)
     if manifest.policy.on_failure != "resubmit":
         return decision(Action.NOOP, f"job {phase} and onFailure=none")
     if record.attempts > manifest.policy.max_retries:
         return decision(Action.NOOP, f"job {phase}; maxRetries={manifest.policy.max_retries} "
                         "used up")
-    return _retry(decision, record, now, Action.RESUBMIT, f"job {phase}; onFailure=resubmit")
+    return _retry(decision, record, now, Action.RESUBMIT, f"job {phase}; onFailure=resubmit",
+                  policy)
 
 
-def _retry(decision: _Make, record: Record, now: float, action: Action, why: str) -> Decision:
-    if now < record.next_attempt_at:
+def _retry(decision: _Make, record: Record, now: float, action: Action, why: str,
+           policy: PlanPolicy) -> Decision:
+    if policy.honour_backoff and now < record.next_attempt_at:
         wait = record.next_attempt_at - now
         return decision(Action.WAIT, f"{why}; backing off {wait:.0f}s more "
                         f"(attempt {record.attempts})")
@@ -320,7 +325,8 @@ def _guard_mass_cancel(
               f"{policy.mass_cancel_ratio:.0%} and more than {policy.mass_cancel_min}); "
               "run `reconciler apply --allow-mass-cancel` once to allow it")
     blocked = [
-        replace(d, action=Action.BLOCKED, reason=f"{d.reason}; blocked: {reason}")
+        replace(d, action=Action.BLOCKED,
+                reason=f"{d.reason}; blocked by the mass-cancel guard")
         if d.action is Action.CANCEL else d
         for d in decisions
     ]

@@ -38,6 +38,7 @@ from reconciler.backends.legacy import (
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy
 from reconciler.domain.records import Phase, Record
+from reconciler.events import iso_time
 from reconciler.store.sqlite import Store
 
 INTENT_BATCH = 256
@@ -263,7 +264,7 @@ class Executor:
                              next_attempt_at=now + self._policy.backoff(record.attempts))
         self._store.save([replace(record, last_error=str(exc))])
         self._log.error("action.failed", **self._fields(record), action=what, error=str(exc),
-                        retry_at=round(record.next_attempt_at, 3) or None)
+                        retry_at=iso_time(record.next_attempt_at))
         report.count(f"{what}.failed")
         report.errors.append(f"{record.name}: {what}: {exc}")
 

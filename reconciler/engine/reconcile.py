@@ -14,8 +14,9 @@ import structlog
 
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import Action, Plan, PlanPolicy, plan
-from reconciler.domain.records import Record, StoredPolicy
+from reconciler.domain.records import Phase, Record, StoredPolicy
 from reconciler.domain.snapshot import Snapshot
+from reconciler.domain.specview import spec_view
 from reconciler.engine.executor import ApplyReport, Executor
 from reconciler.ports import Source
 from reconciler.store.sqlite import Store
@@ -38,11 +39,20 @@ class PassResult:
         return len(self.plan.by_action(Action.WAIT))
 
     @property
+    def failing(self) -> int:
+        """Names whose last action failed and waits for a retry (e.g. the requester is
+        unreachable): no job exists for them, so the network is not in line."""
+        return sum(1 for d in self.plan.by_action(Action.WAIT)
+                   if d.record is not None and d.record.phase is Phase.ERROR)
+
+    @property
     def overall(self) -> str:
-        """``ready``, ``degraded`` (held manifests or failed actions) or ``not ready``."""
+        """``ready``, ``degraded`` (held manifests, failed actions, or jobs waiting to retry
+        one) or ``not ready``."""
         if not self.plan.ready:
             return "not ready"
-        if self.held or self.desired.errors or self.report.failed or self.plan.blocked:
+        if (self.held or self.desired.errors or self.report.failed or self.plan.blocked
+                or self.failing):
             return "degraded"
         return "ready"
 
@@ -113,6 +123,7 @@ class Reconciler:
         report = await executor.apply(the_plan) if executor is not None else ApplyReport()
         if executor is not None:
             self._sync_policies(desired)
+            self._remember_views(the_plan)
         result = PassResult(desired, the_plan, report, time.perf_counter() - started)
         self._log.info(
             "pass.completed", state=result.overall, revision=the_plan.revision,
@@ -122,6 +133,13 @@ class Reconciler:
             duration_ms=round(result.duration * 1000, 1),
         )
         return result
+
+    def _remember_views(self, the_plan: Plan) -> None:
+        """Keep what ``plan`` may show of each submitted spec, for a later replace's diff."""
+        submitted = (Action.SUBMIT, Action.RESUBMIT, Action.REPLACE)
+        self.store.save_views({d.manifest.spec_hash: spec_view(d.manifest.wire())
+                               for d in the_plan.by_action(*submitted)
+                               if d.manifest is not None})
 
     def _sync_policies(self, desired: Desired) -> None:
         """Keep the store's approval policies in step: a held (broken) policy keeps its last

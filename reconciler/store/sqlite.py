@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,11 @@ class Store:
                 self._lock_fd = _take_lock(path)
             self._db = self._connect(path, writer)
             self._migrate(writer)
+            if writer:
+                # Not a schema version: a cache of what plan may show of a replaced spec
+                # (domain/specview.py). Older readers ignore it; without it plans show less.
+                self._db.execute("CREATE TABLE IF NOT EXISTS spec_views (spec_hash TEXT "
+                                 "PRIMARY KEY, view TEXT NOT NULL)")
 
     # --- opening ------------------------------------------------------------------------
 
@@ -213,7 +219,26 @@ class Store:
                                    (job_id,)).fetchone()
         return Approval(**dict(row)) if row else None
 
+    def view(self, spec_hash: str) -> dict[str, str] | None:
+        """The printable view of a spec this store submitted, when it kept one."""
+        try:
+            row = self._db.execute("SELECT view FROM spec_views WHERE spec_hash = ?",
+                                   (spec_hash,)).fetchone()
+        except sqlite3.OperationalError:  # a store written before spec_views existed
+            return None
+        return dict(json.loads(row[0])) if row else None
+
     # --- writing ------------------------------------------------------------------------
+
+    def save_views(self, views: Mapping[str, Mapping[str, str]]) -> None:
+        """Keep the views of these specs, and only those any record still names."""
+        if not views:
+            return
+        with _translated(self.path), self._transaction(durable=False):
+            self._db.executemany("INSERT OR REPLACE INTO spec_views VALUES (?, ?)",
+                                 [(h, json.dumps(dict(v))) for h, v in views.items()])
+            self._db.execute("DELETE FROM spec_views WHERE spec_hash NOT IN "
+                             "(SELECT spec_hash FROM jobs)")
 
     def save_policies(self, policies: Sequence[StoredPolicy]) -> None:
         now = time.time()
