@@ -154,7 +154,7 @@ class Store:
     def _refuse_if_corrupt(self) -> None:
         """``PRAGMA quick_check`` once at open: a damaged page would otherwise fail some
         passes (whichever touch it) forever; refused here, it is one clear message at start.
-        It reads every page once (~10 ms for 10,000 records)."""
+        It reads every page once: 2.4 ms for 10,000 records (2.7 MB) here."""
         problem = self.check()
         if problem != "ok":
             self.close()

@@ -127,6 +127,34 @@ def test_store_locked_mid_apply_never_duplicates(
     assert result.clean, result.problems[:20]
 
 
+def test_lost_store_adopts_instead_of_resubmitting(tmp_path: Path, dev: DevProcess,
+                                                   rsa_key: Path) -> None:
+    """Issue 11, item 3: the database (and its WAL) removed while the daemon is stopped: the
+    restarted daemon adopts every live job by its name annotation; nothing is submitted
+    again."""
+    state = tmp_path / "state.db"
+    names = [f"s-{i:02d}" for i in range(size(30, 100))]
+    daemon, root = start(tmp_path, dev, rsa_key, state, names)
+    try:
+        daemon.wait_for(daemon.quiet, 60, "the first sync")
+    finally:
+        daemon.stop()
+    before = len(dev.jobs())
+    for path in tmp_path.glob("state.db*"):
+        path.unlink()
+    second = DaemonProcess(daemon_args(root, state, dev.url, rsa_key))
+    try:
+        second.wait_for(second.quiet, 60, "convergence after the loss")
+    finally:
+        second.stop()
+    result = audit(dev.jobs(), {n: f"img:{n}" for n in names})
+    figures("store-lost", manifests=len(names), jobs_before=before,
+            submitted_after=len(dev.jobs()) - before, adopted=len(second.named("job.adopted")))
+    assert len(dev.jobs()) == before == len(names)
+    assert len(second.named("job.adopted")) == len(names)
+    assert result.clean, result.problems[:20]
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
