@@ -408,8 +408,10 @@ class Executor:
                       if d.action is Action.SUBMIT and d.record is None}
         now = self._clock()
         self._suspects = {n: until for n, until in self._suspects.items() if until > now}
-        recorded = {d.name: d.record for d in plan.decisions
-                    if d.record is not None and d.record.phase is not Phase.SUBMITTING}
+        recorded: dict[str, Record] = {}
+        if not self._swept or self._suspects:  # else skip the walk: a no-op pass stays cheap
+            recorded = {d.name: d.record for d in plan.decisions
+                        if d.record is not None and d.record.phase is not Phase.SUBMITTING}
         swept = set(recorded) if not self._swept else set(self._suspects) & set(recorded)
         names = sorted(set(unrecorded) | swept)
         if not names:
@@ -435,7 +437,6 @@ class Executor:
                 await self._adopt_by_name(unrecorded.pop(name), live, report)
             elif name in recorded:
                 record = recorded[name]
-                assert record is not None
                 extra = [j for j in live if j.job_id != record.job_id]
                 await self._cancel_duplicates(record, extra, "the recorded job is kept", report)
         return [d for d in actions if d.record is not None or d.name in unrecorded]
