@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from reconciler.backends.legacy import JobInfo, NotFound, OutcomeUnknown
+from reconciler.backends.legacy import Unreachable as RequesterUnreachable
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
@@ -290,3 +291,31 @@ def test_a_corrupt_store_is_refused_at_open(tmp_path: Path) -> None:
     message = str(refused.value)
     assert "\n" not in message and str(path) in message and "quick_check" in message
     Store(path, writer=False).close()  # `status` can still show what it can
+
+
+def test_a_failed_name_lookup_submits_nothing_new(tmp_path: Path) -> None:
+    """Whether a name with no record already has a job is unknown: nothing is submitted for it
+    in that pass (the store may have been lost), and the next pass tries again."""
+    names = folder(tmp_path / "m", 3)
+
+    class Unreachable(FakeRequester):
+        async def list_jobs(
+            self, *, include_tags: Sequence[str] = (), job_id: str | None = None
+        ) -> list[JobInfo]:
+            if self.lists == 0:
+                self.lists += 1
+                raise RequesterUnreachable("list: cannot connect (test)")
+            return await super().list_jobs(include_tags=include_tags, job_id=job_id)
+
+    requester = Unreachable()
+
+    async def scenario() -> tuple[ApplyReport, ApplyReport]:
+        with Store(tmp_path / "s.db") as store:
+            executor = Executor(store, requester, POLICY)
+            return (await one_pass(tmp_path / "m", store, executor),
+                    await one_pass(tmp_path / "m", store, executor))
+
+    first, second = asyncio.run(scenario())
+    assert first.counts == Counter({"lookup.failed": 3}) and first.failed
+    assert second.counts == Counter({"submit.ok": 3})
+    assert requester.live_per_name() == Counter({name: 1 for name in names})

@@ -57,6 +57,8 @@ SPEC_TAG = "reconciler-spec:"
 #: How long a name whose submit was in doubt is swept for duplicates: a request the requester
 #: took in before our timeout can still be stored after it (docs/design.md).
 SUSPECT_WINDOW = 600.0
+#: Names per list request when looking jobs up by name (like uids per poll request).
+NAME_BATCH = 500
 
 #: An intent in doubt, its manifest (None once removed), and what follows a confirmed absence.
 Pending = tuple[Record, Manifest | None, Action]
@@ -414,32 +416,37 @@ class Executor:
                         if d.record is not None and d.record.phase is not Phase.SUBMITTING}
         swept = set(recorded) if not self._swept else set(self._suspects) & set(recorded)
         names = sorted(set(unrecorded) | swept)
-        if not names:
+        unknown: set[str] = set()
+        # A batch at a time: at start every recorded name is asked, and each reply holds the
+        # names' whole history (replaced and ended jobs), so only one batch is held at once.
+        for start in range(0, len(names), NAME_BATCH):
+            try:
+                found = await jobs_by_name(self._requester, names[start : start + NAME_BATCH])
+            except RequesterError as exc:
+                # Not knowing whether a job exists, submit nothing new for these names now.
+                unknown = set(names[start:]) & set(unrecorded)
+                for name in sorted(unknown):
+                    report.count("lookup.failed")
+                    report.errors.append(f"{name}: lookup: {exc}")
+                self._log.error("action.failed", name=None, action="lookup", error=str(exc),
+                                count=len(names) - start, reason="jobs by name could not be "
+                                "listed; names without a record wait for the next pass")
+                break
+            for name, jobs in found.items():
+                live = [j for j in jobs if phase_of(j.state) is Phase.ACTIVE]
+                if not live:
+                    continue
+                if name in unrecorded:
+                    await self._adopt_by_name(unrecorded.pop(name), live, report)
+                elif name in recorded:
+                    record = recorded[name]
+                    extra = [j for j in live if j.job_id != record.job_id]
+                    await self._cancel_duplicates(record, extra, "the recorded job is kept",
+                                                  report)
+        else:
             self._swept = True
-            return actions
-        try:
-            found = await jobs_by_name(self._requester, names)
-        except RequesterError as exc:
-            # Not knowing whether a job exists, submit nothing new for these names now.
-            for decision in unrecorded.values():
-                report.count("lookup.failed")
-                report.errors.append(f"{decision.name}: lookup: {exc}")
-            self._log.error("action.failed", name=None, action="lookup", error=str(exc),
-                            count=len(names), reason="jobs by name could not be listed; new "
-                            "names wait for the next pass")
-            return [d for d in actions if d.name not in unrecorded]
-        self._swept = True
-        for name, jobs in found.items():
-            live = [j for j in jobs if phase_of(j.state) is Phase.ACTIVE]
-            if not live:
-                continue
-            if name in unrecorded:
-                await self._adopt_by_name(unrecorded.pop(name), live, report)
-            elif name in recorded:
-                record = recorded[name]
-                extra = [j for j in live if j.job_id != record.job_id]
-                await self._cancel_duplicates(record, extra, "the recorded job is kept", report)
-        return [d for d in actions if d.record is not None or d.name in unrecorded]
+        return [d for d in actions if d.record is not None
+                or (d.name in unrecorded and d.name not in unknown)]
 
     async def _adopt_by_name(
         self, decision: Decision, live: list[JobInfo], report: ApplyReport
