@@ -183,9 +183,13 @@ def test_a_failure_among_more_than_256_actions_is_raised_not_dropped(tmp_path: P
     assert max(requester.submits.values()) == 1
 
 
-def lose_store_and_change_a_manifest(tmp_path: Path) -> None:
+def lose_store(tmp_path: Path) -> None:
     for path in tmp_path.glob("s.db*"):
         path.unlink()  # the database and its WAL
+
+
+def lose_store_and_change_a_manifest(tmp_path: Path) -> None:
+    lose_store(tmp_path)
     (tmp_path / "m" / "job-000.yaml").write_text(envelope("job-000", "alpine:3"))
 
 
@@ -209,6 +213,38 @@ def test_lost_store_adopts_live_jobs_by_name_and_submits_nothing(tmp_path: Path)
     assert sum(requester.submits.values()) == 12 + 1
     assert requester.live_per_name() == Counter({name: 1 for name in names})
     assert sum(e["event"] == "job.adopted" for e in events) == 12
+
+
+def test_a_name_held_when_the_lost_store_is_found_is_looked_up_when_submitted(
+    tmp_path: Path,
+) -> None:
+    """Only names without a record at the first ready pass are looked up by name; one that
+    was broken (held) then is still looked up once it is fixed, however much later."""
+    folder(tmp_path / "m", 2)
+    requester = FakeRequester()
+    broken = tmp_path / "m" / "job-001.yaml"
+    text = broken.read_text()
+
+    async def scenario() -> list[ApplyReport]:
+        with Store(tmp_path / "s.db") as store:
+            await one_pass(tmp_path / "m", store, Executor(store, requester, POLICY))
+        lose_store(tmp_path)
+        broken.write_text(text.replace("engine: docker", "engine: 7"))
+        with Store(tmp_path / "s.db") as store:
+            executor = Executor(store, requester, POLICY)
+            reports = [await one_pass(tmp_path / "m", store, executor)]
+            broken.write_text(text)
+            reports.append(await one_pass(tmp_path / "m", store, executor))
+            (tmp_path / "m" / "new.yaml").write_text(envelope("new"))
+            lists = requester.lists
+            reports.append(await one_pass(tmp_path / "m", store, executor))
+            assert requester.lists == lists  # a manifest added later: no lookup
+        return reports
+
+    reports = asyncio.run(scenario())
+    assert [r.counts for r in reports] == [
+        Counter({"submit.adopted": 1}), Counter({"submit.adopted": 1}), Counter({"submit.ok": 1})]
+    assert sum(requester.submits.values()) == 3
 
 
 def test_duplicates_by_name_are_cancelled_and_the_recorded_job_kept(tmp_path: Path) -> None:

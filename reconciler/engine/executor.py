@@ -170,6 +170,9 @@ class Executor:
         #: the names whose submit was in doubt, until their time here runs out.
         self._swept = False
         self._suspects: dict[str, float] = {}
+        #: Names without a record at the first ready pass not yet looked up by name (held or
+        #: deferred then); None until that pass. See _look_up_by_name.
+        self._unchecked: set[str] | None = None
 
     def stop(self) -> None:
         """Start no new action; those not started give their intents back (see _rollback)."""
@@ -405,11 +408,19 @@ class Executor:
     ) -> list[Decision]:
         """Before a name with no record is submitted, adopt the newest live job of ours that
         carries its name (the store was lost or rolled back); extra live jobs of a name are
-        duplicates and are cancelled, the recorded one kept. Returns the actions left."""
-        unrecorded = {d.name: d for d in actions
-                      if d.action is Action.SUBMIT and d.record is None}
+        duplicates and are cancelled, the recorded one kept. Returns the actions left.
+
+        Records go missing only while the store is closed (the open store is ours alone), so
+        only names that had no record at the first ready pass are asked about (those held or
+        deferred then are asked when they are submitted), and suspects: a manifest added later
+        is submitted at once, without a lookup's round trip."""
         now = self._clock()
         self._suspects = {n: until for n, until in self._suspects.items() if until > now}
+        unrecorded = {d.name: d for d in actions
+                      if d.action is Action.SUBMIT and d.record is None
+                      and (self._unchecked is None or d.name in self._unchecked
+                           or d.name in self._suspects)}
+        asked = set(unrecorded)
         recorded: dict[str, Record] = {}
         if not self._swept or self._suspects:  # else skip the walk: a no-op pass stays cheap
             recorded = {d.name: d.record for d in plan.decisions
@@ -445,7 +456,11 @@ class Executor:
                                                   report)
         else:
             self._swept = True
-        return [d for d in actions if d.record is not None
+            if self._unchecked is not None:
+                self._unchecked -= asked
+            elif plan.ready:
+                self._unchecked = {d.name for d in plan.decisions if d.record is None} - asked
+        return [d for d in actions if d.name not in asked
                 or (d.name in unrecorded and d.name not in unknown)]
 
     async def _adopt_by_name(
