@@ -355,3 +355,25 @@ def test_a_failed_name_lookup_submits_nothing_new(tmp_path: Path) -> None:
     assert first.counts == Counter({"lookup.failed": 3}) and first.failed
     assert second.counts == Counter({"submit.ok": 3})
     assert requester.live_per_name() == Counter({name: 1 for name in names})
+
+
+def test_a_cancelled_apply_cuts_its_requests_and_leaves_none_running(tmp_path: Path) -> None:
+    """The shutdown deadline cancels the pass: its requests are cancelled with it, and none
+    is still running once the cancelled pass has ended."""
+    folder(tmp_path / "m", 10)
+    requester = FakeRequester(latency=30)
+
+    async def scenario() -> float:
+        with Store(tmp_path / "s.db") as store:
+            executor = Executor(store, requester, POLICY)
+            task = asyncio.create_task(one_pass(tmp_path / "m", store, executor))
+            await asyncio.sleep(0.5)  # the first 8 submits are in flight by now
+            assert requester.in_flight == 8
+            started = time.perf_counter()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert requester.in_flight == 0
+            return time.perf_counter() - started
+
+    assert asyncio.run(scenario()) < 1.0

@@ -187,8 +187,10 @@ class Executor:
             await self._apply(plan, report, run)
         except Exception as exc:  # a store error between actions: after the drain, raised
             self._note_failure(run, None, exc)
-        finally:
-            await self._drain(run)
+        except asyncio.CancelledError:  # the shutdown deadline: requests in flight are cut
+            await self._cancel_all(run)
+            raise
+        await self._drain(run)
         self._rollback(run, report)
         if run.failures:
             first = run.failures[0]
@@ -240,14 +242,19 @@ class Executor:
         """Wait for every task; if the pass itself is cancelled (shutdown deadline), cancel
         them and still wait for their ends."""
         while run.tasks:
-            tasks, run.tasks = run.tasks, set()
             try:
-                await asyncio.wait(tasks)
+                await asyncio.wait(run.tasks)
             except asyncio.CancelledError:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await self._cancel_all(run)
                 raise
+            run.tasks = {task for task in run.tasks if not task.done()}
+
+    @staticmethod
+    async def _cancel_all(run: _Run) -> None:
+        for task in run.tasks:
+            task.cancel()
+        await asyncio.gather(*run.tasks, return_exceptions=True)
+        run.tasks.clear()
 
     def _suspect(self, name: str) -> None:
         self._suspects[name] = self._clock() + SUSPECT_WINDOW
