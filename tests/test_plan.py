@@ -176,7 +176,7 @@ def test_a_submission_in_doubt_is_resolved_and_the_plan_says_what_follows() -> N
     decisions = {d.name: d for d in plan(desired, records, PlanPolicy(), 0.0).decisions}
     assert (decisions["a"].action, decisions["a"].if_absent) == (Action.RESOLVE, Action.RESUBMIT)
     assert (decisions["b"].action, decisions["b"].if_absent) == (Action.RESOLVE, Action.FORGET)
-    assert "submit it again under the same uid" in decisions["a"].reason
+    assert "submit it again under a fresh uid" in decisions["a"].reason
     assert "forget it once it is confirmed absent" in decisions["b"].reason
 
 

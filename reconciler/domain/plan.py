@@ -14,7 +14,7 @@ The rules (``docs/design.md`` has the table):
   replaced, whatever the store says;
 * an intent without a job id (a crash, a lost reply) is resolved by looking up its uid before
   anything is resubmitted; the decision names what follows a confirmed absence (``if_absent``:
-  submit again under the same uid while the manifest is there, forget it once it is gone);
+  submit again, under a fresh uid, while the manifest is there; forget it once it is gone);
 * a failed job is resubmitted only when its policy says so, with backoff and a cap.
 
 Guards: a source that is not ready (missing, unreadable, or empty without ``allow_empty``)
@@ -226,7 +226,7 @@ def _decide_present(
     if record.phase is Phase.SUBMITTING:
         return replace(decision(Action.RESOLVE, f"submission {record.uid} has no job id yet "
                                 "(crash or lost reply): adopt the job its uid finds, or submit "
-                                "it again under the same uid once it is confirmed absent"),
+                                "it again under a fresh uid once it is confirmed absent"),
                        if_absent=Action.RESUBMIT)
     if record.phase in (Phase.ACTIVE, Phase.CANCELLING):
         outcome = _decide_live(manifest, record, same, decision)

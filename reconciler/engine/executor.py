@@ -9,7 +9,17 @@ Order of every remote effect (ops.md 4.2, anchors section 2):
 
 A submit whose outcome is unknown (lost reply, 5xx) is resolved by listing its uid; an empty
 list is not proof of absence, so the lookup is repeated ``confirmations`` times before the
-same intent is submitted again. A replace cancels, then submits, each step durable.
+manifest is submitted again, under a fresh uid: a uid is never sent twice, so a late arrival of
+the first request is a detectable duplicate (a second live job for the name), not a second job
+with the same uid. A replace cancels, then submits, each step durable.
+
+``apply`` never returns or raises while a request it started is still in flight: a failed
+action (a store error while saving an outcome) stops new actions from starting, every started
+one runs to its end (requests have timeouts), each failure is logged, and the first is raised
+after that. A name with no record is looked up by its name annotation before it is submitted
+(a lost or rolled-back store), and live duplicates are looked for by name at the first apply
+and, for a while, for every name whose submit was in doubt (docs/design.md, "No duplicate
+jobs").
 
 Decisions are the planner's; this module only carries them out and reports what happened as
 events (``docs/events.md``).
@@ -21,7 +31,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,10 +49,17 @@ from reconciler.domain.manifest import Manifest
 from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy
 from reconciler.domain.records import Phase, Record
 from reconciler.events import iso_time
-from reconciler.store.sqlite import Store
+from reconciler.store.sqlite import Store, StoreError
 
 INTENT_BATCH = 256
 UID_TAG = "reconciler-uid:"
+NAME_TAG = "reconciler-manifest:"
+SPEC_TAG = "reconciler-spec:"
+#: How long a name whose submit was in doubt is swept for duplicates: a request the requester
+#: took in before our timeout can still be stored after it (docs/design.md).
+SUSPECT_WINDOW = 600.0
+#: Names per list request when looking jobs up by name (like uids per poll request).
+NAME_BATCH = 500
 
 #: An intent in doubt, its manifest (None once removed), and what follows a confirmed absence.
 Pending = tuple[Record, Manifest | None, Action]
@@ -54,8 +71,8 @@ def job_annotations(manifest: Manifest, uid: str) -> list[str]:
     return [
         "reconciler",
         UID_TAG + uid,
-        f"reconciler-manifest:{manifest.name}",
-        f"reconciler-spec:{manifest.spec_hash[:16]}",
+        NAME_TAG + manifest.name,
+        SPEC_TAG + manifest.spec_hash[:16],
     ]
 
 
@@ -74,6 +91,27 @@ async def jobs_by_uid(
                 if tag.startswith(UID_TAG) and uid in wanted:
                     found.setdefault(uid, []).append(job)
     return found
+
+
+async def jobs_by_name(
+    requester: Requester, names: Sequence[str], batch: int = 500
+) -> dict[str, list[JobInfo]]:
+    """Our jobs carrying any of these names' annotation, by name; ``batch`` names a request
+    (the reply holds every job of those names the requester keeps, ended ones too)."""
+    found: dict[str, list[JobInfo]] = {}
+    wanted = set(names)
+    for start in range(0, len(names), batch):
+        tags = [NAME_TAG + name for name in names[start : start + batch]]
+        for job in await requester.list_jobs(include_tags=tags):
+            for tag in job.annotations:
+                name = tag.removeprefix(NAME_TAG)
+                if tag.startswith(NAME_TAG) and name in wanted:
+                    found.setdefault(name, []).append(job)
+    return found
+
+
+def _tag_value(job: JobInfo, prefix: str) -> str:
+    return next((t.removeprefix(prefix) for t in job.annotations if t.startswith(prefix)), "")
 
 
 def phase_of(state: str) -> Phase:
@@ -95,6 +133,15 @@ class ApplyReport:
     @property
     def failed(self) -> bool:
         return bool(self.errors)
+
+
+@dataclass
+class _Run:
+    """One apply's bookkeeping: its tasks, the failures met, the actions never started."""
+
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    failures: list[BaseException] = field(default_factory=list)
+    not_started: list[Decision] = field(default_factory=list)
 
 
 class Executor:
@@ -120,36 +167,98 @@ class Executor:
         #: Called with (done, total) as actions finish; the CLI draws a progress line with it.
         self.on_progress: Callable[[int, int], None] | None = None
         self._stopping = False
+        #: Every recorded name is swept for duplicates once (at the first apply), then only
+        #: the names whose submit was in doubt, until their time here runs out.
+        self._swept = False
+        self._suspects: dict[str, float] = {}
+        #: Names without a record at the first ready pass not yet looked up by name (held or
+        #: deferred then); None until that pass. See _look_up_by_name.
+        self._unchecked: set[str] | None = None
 
     def stop(self) -> None:
         """Start no new action; those not started give their intents back (see _rollback)."""
         self._stopping = True
 
     async def apply(self, plan: Plan) -> ApplyReport:
+        """Carry the plan out. Returns (or raises the first failure) only once every request
+        it started has ended, so no later pass can race a request of this one."""
         report = ApplyReport()
+        run = _Run()
+        try:
+            await self._apply(plan, report, run)
+        except Exception as exc:  # a store error between actions: after the drain, raised
+            self._note_failure(run, None, exc)
+        except asyncio.CancelledError:  # the shutdown deadline: requests in flight are cut
+            await self._cancel_all(run)
+            raise
+        await self._drain(run)
+        self._rollback(run, report)
+        if run.failures:
+            first = run.failures[0]
+            if len(run.failures) > 1:
+                first.add_note(f"{len(run.failures) - 1} more actions failed in this pass "
+                               "(each logged as action.failed)")
+            raise first
+        return report
+
+    async def _apply(self, plan: Plan, report: ApplyReport, run: _Run) -> None:
         changes = plan.changes
         self._forget([d for d in changes if d.action is Action.FORGET], report)
         self._update([d for d in changes if d.action is Action.UPDATE], report)
-        await self._resolve([d for d in changes if d.action is Action.RESOLVE], report)
         actions = [d for d in changes
                    if d.action not in (Action.FORGET, Action.UPDATE, Action.RESOLVE)]
+        actions = await self._look_up_by_name(plan, actions, report)
+        await self._resolve([d for d in changes if d.action is Action.RESOLVE], report, run)
         report.total = len(actions)
-        pending: set[asyncio.Task[None]] = set()
         for start in range(0, len(actions), INTENT_BATCH):
-            while len(pending) >= INTENT_BATCH:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if self._stopping:
+            while len(run.tasks) >= INTENT_BATCH:
+                # The tasks never raise (failures are kept in run), so nothing is dropped here.
+                _, run.tasks = await asyncio.wait(run.tasks, return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping or run.failures:
                 break
             batch = actions[start : start + INTENT_BATCH]
             intents = [self._intent(d, plan.revision) for d in batch]
             self._store.commit_intents(intents)
-            pending |= {
-                asyncio.create_task(self._bounded(d, intent, report))
-                for d, intent in zip(batch, intents, strict=True)
-            }
-        if pending:
-            await asyncio.gather(*pending)
-        return report
+            for decision, intent in zip(batch, intents, strict=True):
+                self._spawn(run, self._bounded(decision, intent, report, run), decision.name)
+
+    def _spawn(self, run: _Run, action: Coroutine[Any, Any, None], name: str) -> None:
+        async def kept() -> None:
+            try:
+                await action
+            except Exception as exc:
+                self._note_failure(run, name, exc)
+
+        run.tasks.add(asyncio.create_task(kept()))
+
+    def _note_failure(self, run: _Run, name: str | None, exc: Exception) -> None:
+        run.failures.append(exc)
+        if name is not None:
+            self._suspect(name)
+        self._log.error("action.failed", name=name, action="apply", error=str(exc),
+                        reason="an action failed; no new action starts in this pass, those "
+                               "in flight finish first")
+
+    async def _drain(self, run: _Run) -> None:
+        """Wait for every task; if the pass itself is cancelled (shutdown deadline), cancel
+        them and still wait for their ends."""
+        while run.tasks:
+            try:
+                await asyncio.wait(run.tasks)
+            except asyncio.CancelledError:
+                await self._cancel_all(run)
+                raise
+            run.tasks = {task for task in run.tasks if not task.done()}
+
+    @staticmethod
+    async def _cancel_all(run: _Run) -> None:
+        for task in run.tasks:
+            task.cancel()
+        await asyncio.gather(*run.tasks, return_exceptions=True)
+        run.tasks.clear()
+
+    def _suspect(self, name: str) -> None:
+        self._suspects[name] = self._clock() + SUSPECT_WINDOW
 
     # --- intents ------------------------------------------------------------------------
 
@@ -162,16 +271,18 @@ class Executor:
         return replace(record, phase=Phase.CANCELLING, revision=revision or record.revision)
 
     def _submit_intent(
-        self, manifest: Manifest, record: Record | None, revision: str | None, uid: str = ""
+        self, manifest: Manifest, record: Record | None, revision: str | None,
+        *, new_attempt: bool = True,
     ) -> Record:
+        """A fresh uid, always: a uid is never submitted twice (docs/design.md)."""
         same_spec = record is not None and record.spec_hash == manifest.spec_hash
         return Record(
             name=manifest.name,
             phase=Phase.SUBMITTING,
             spec_hash=manifest.spec_hash,
             path=manifest.path,
-            uid=uid or secrets.token_hex(16),
-            attempts=(record.attempts if record and same_spec else 0) + (0 if uid else 1),
+            uid=secrets.token_hex(16),
+            attempts=(record.attempts if record and same_spec else 0) + int(new_attempt),
             last_error=record.last_error if record else None,
             on_remove=manifest.policy.on_remove,
             revision=revision,
@@ -179,10 +290,12 @@ class Executor:
 
     # --- actions ------------------------------------------------------------------------
 
-    async def _bounded(self, decision: Decision, intent: Record, report: ApplyReport) -> None:
+    async def _bounded(
+        self, decision: Decision, intent: Record, report: ApplyReport, run: _Run
+    ) -> None:
         async with self._semaphore:
-            if self._stopping:
-                self._rollback(decision, report)
+            if self._stopping or run.failures:
+                run.not_started.append(decision)
                 return
             await self._carry_out(decision, intent, report)
         report.done += 1
@@ -216,6 +329,7 @@ class Executor:
         try:
             job_id = await self._requester.submit(spec)
         except OutcomeUnknown as exc:
+            self._suspect(intent.name)  # it may still be stored later: watch for a duplicate
             self._log.warning("job.submit_unknown", **fields, error=str(exc))
             report.count("submit.unknown")
             self._store.save([replace(intent, last_error=str(exc))])
@@ -248,13 +362,21 @@ class Executor:
         report.count("cancel.ok")
         return True
 
-    def _rollback(self, decision: Decision, report: ApplyReport) -> None:
-        """No request was sent for this intent: put the record back as it was."""
-        if decision.record is not None:
-            self._store.save([decision.record])
-        else:
-            self._store.forget([decision.name])
-        report.count(f"{decision.action}.not_started")
+    def _rollback(self, run: _Run, report: ApplyReport) -> None:
+        """No request was sent for these intents: put their records back as they were. If
+        the store cannot take it (it just failed), the intents stay and the next pass
+        resolves them by uid: none was sent, so each is submitted once, under a fresh uid."""
+        if not run.not_started:
+            return
+        try:
+            self._store.save([d.record for d in run.not_started if d.record is not None])
+            self._store.forget([d.name for d in run.not_started if d.record is None])
+        except StoreError as exc:
+            if not run.failures:
+                run.failures.append(exc)
+            return
+        for decision in run.not_started:
+            report.count(f"{decision.action}.not_started")
 
     def _failed(self, record: Record, what: str, exc: RequesterError, report: ApplyReport) -> None:
         now = self._clock()
@@ -287,18 +409,118 @@ class Executor:
             self._log.info("record.updated", **self._fields(record), reason=decision.reason)
             report.count("update.ok")
 
+    # --- looking up jobs by name: a lost store, and duplicates ------------------------------
+
+    async def _look_up_by_name(
+        self, plan: Plan, actions: list[Decision], report: ApplyReport
+    ) -> list[Decision]:
+        """Before a name with no record is submitted, adopt the newest live job of ours that
+        carries its name (the store was lost or rolled back); extra live jobs of a name are
+        duplicates and are cancelled, the recorded one kept. Returns the actions left.
+
+        Records go missing only while the store is closed (the open store is ours alone), so
+        only names that had no record at the first ready pass are asked about (those held or
+        deferred then are asked when they are submitted), and suspects: a manifest added later
+        is submitted at once, without a lookup's round trip."""
+        now = self._clock()
+        self._suspects = {n: until for n, until in self._suspects.items() if until > now}
+        unrecorded = {d.name: d for d in actions
+                      if d.action is Action.SUBMIT and d.record is None
+                      and (self._unchecked is None or d.name in self._unchecked
+                           or d.name in self._suspects)}
+        asked = set(unrecorded)
+        recorded: dict[str, Record] = {}
+        if not self._swept or self._suspects:  # else skip the walk: a no-op pass stays cheap
+            recorded = {d.name: d.record for d in plan.decisions
+                        if d.record is not None and d.record.phase is not Phase.SUBMITTING}
+        swept = set(recorded) if not self._swept else set(self._suspects) & set(recorded)
+        names = sorted(set(unrecorded) | swept)
+        unknown: set[str] = set()
+        # A batch at a time: at start every recorded name is asked, and each reply holds the
+        # names' whole history (replaced and ended jobs), so only one batch is held at once.
+        for start in range(0, len(names), NAME_BATCH):
+            try:
+                found = await jobs_by_name(self._requester, names[start : start + NAME_BATCH])
+            except RequesterError as exc:
+                # Not knowing whether a job exists, submit nothing new for these names now.
+                unknown = set(names[start:]) & set(unrecorded)
+                for name in sorted(unknown):
+                    report.count("lookup.failed")
+                    report.errors.append(f"{name}: lookup: {exc}")
+                self._log.error("action.failed", name=None, action="lookup", error=str(exc),
+                                count=len(names) - start, reason="jobs by name could not be "
+                                "listed; names without a record wait for the next pass")
+                break
+            for name, jobs in found.items():
+                live = [j for j in jobs if phase_of(j.state) is Phase.ACTIVE]
+                if not live:
+                    continue
+                if name in unrecorded:
+                    await self._adopt_by_name(unrecorded.pop(name), live, report)
+                elif name in recorded:
+                    record = recorded[name]
+                    extra = [j for j in live if j.job_id != record.job_id]
+                    await self._cancel_duplicates(record, extra, "the recorded job is kept",
+                                                  report)
+        else:
+            self._swept = True
+            if self._unchecked is not None:
+                self._unchecked -= asked
+            elif plan.ready:
+                self._unchecked = {d.name for d in plan.decisions if d.record is None} - asked
+        return [d for d in actions if d.name not in asked
+                or (d.name in unrecorded and d.name not in unknown)]
+
+    async def _adopt_by_name(
+        self, decision: Decision, live: list[JobInfo], report: ApplyReport
+    ) -> None:
+        manifest = decision.manifest
+        assert manifest is not None
+        keep, *extra = sorted(live, key=lambda j: (j.created_at, j.job_id), reverse=True)
+        tag = _tag_value(keep, SPEC_TAG)
+        # A job of an older spec is recorded with its own (short) hash: the next pass
+        # replaces it, as it would any live job whose manifest changed.
+        spec_hash = manifest.spec_hash if tag and manifest.spec_hash.startswith(tag) else tag
+        adopted = Record(name=manifest.name, phase=phase_of(keep.state), spec_hash=spec_hash,
+                         path=manifest.path, job_id=keep.job_id,
+                         uid=_tag_value(keep, UID_TAG) or None, job_state=keep.state,
+                         attempts=1, on_remove=manifest.policy.on_remove)
+        self._store.save([adopted])
+        self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,
+                       reason=f"no record; found by its name annotation {NAME_TAG}{manifest.name}"
+                              " (the store was lost or rolled back?)")
+        report.count("submit.adopted")
+        await self._cancel_duplicates(adopted, extra, "the newest job is kept", report)
+
+    async def _cancel_duplicates(
+        self, kept: Record, extra: Sequence[JobInfo], why: str, report: ApplyReport
+    ) -> None:
+        for duplicate in extra:  # ours by annotation, and one live job per name is enough
+            cancel = replace(kept, job_id=duplicate.job_id, uid=_tag_value(duplicate, UID_TAG))
+            reason = f"a second live job for {kept.name} ({why}: {kept.job_id})"
+            if await self._cancel(cancel, reason, report):
+                self._log.warning("job.duplicate_cancelled", **self._fields(cancel),
+                                  kept_job_id=kept.job_id, reason=reason)
+                report.count("duplicate.cancelled")
+
     # --- resolving intents without a job id -------------------------------------------------
 
-    async def _resolve(self, decisions: Sequence[Decision], report: ApplyReport) -> None:
+    async def _resolve(
+        self, decisions: Sequence[Decision], report: ApplyReport, run: _Run
+    ) -> None:
         pending: list[Pending] = []
         for d in decisions:
             assert d.record is not None and d.if_absent is not None  # the planner says both
             pending.append((d.record, d.manifest, d.if_absent))
-        await self._resolve_records(pending, report)
+        await self._resolve_records(pending, report, run)
+        await self._drain(run)  # resolved before anything else is sent
 
-    async def _resolve_records(self, pending: Iterable[Pending], report: ApplyReport) -> None:
+    async def _resolve_records(
+        self, pending: Iterable[Pending], report: ApplyReport, run: _Run | None = None
+    ) -> None:
         """Adopt the job of each intent by its uid; once its absence was confirmed
-        ``confirmations`` times, do what the plan said should follow."""
+        ``confirmations`` times, do what the plan said should follow. With ``run``, the
+        adoptions and the submits that follow run concurrently (bounded), as tasks of it."""
         waiting = {item[0].uid: item for item in pending if item[0].uid}
         for attempt in range(self._confirmations):
             if attempt:
@@ -310,11 +532,25 @@ class Executor:
                     self._failed(record, "lookup", exc, report)
                 return
             for uid, jobs in found.items():
-                await self._adopt(waiting.pop(uid)[0], jobs, report)
+                record = waiting.pop(uid)[0]
+                await self._then(run, self._adopt(record, jobs, report), record.name)
             if not waiting:
                 return
         for item in waiting.values():
-            await self._after_confirmed_absence(*item, report)
+            await self._then(run, self._after_confirmed_absence(*item, report), item[0].name)
+
+    async def _then(
+        self, run: _Run | None, step: Coroutine[Any, Any, None], name: str
+    ) -> None:
+        if run is None:
+            await step
+            return
+
+        async def bounded() -> None:
+            async with self._semaphore:
+                await step
+
+        self._spawn(run, bounded(), name)
 
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
         keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
@@ -324,25 +560,24 @@ class Executor:
         self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,
                        reason=f"found by uid {record.uid}")
         report.count("resolve.adopted")
-        for duplicate in extra:  # ours by uid, and one job is enough
-            cancel = replace(adopted, job_id=duplicate.job_id)
-            if await self._cancel(cancel, "duplicate of an adopted job", report):
-                self._log.warning("job.duplicate_cancelled", **self._fields(cancel))
+        await self._cancel_duplicates(adopted, extra, "the first job is kept", report)
 
     async def _after_confirmed_absence(
         self, record: Record, manifest: Manifest | None, then: Action, report: ApplyReport
     ) -> None:
         reason = f"uid {record.uid} not found after {self._confirmations} lookups"
+        self._suspect(record.name)  # should that request be stored late, it is a duplicate
         if then is Action.FORGET:
             self._store.forget([record.name])
             self._log.info("job.forgotten", **self._fields(record), reason=reason)
             report.count("resolve.forgotten")
             return
         assert manifest is not None  # the planner resubmits only a manifest that is there
-        intent = self._submit_intent(manifest, record, record.revision, uid=record.uid or "")
+        intent = self._submit_intent(manifest, record, record.revision, new_attempt=False)
         self._store.commit_intents([intent])
         report.count("resolve.resubmitted")
-        await self._submit(manifest, intent, report, reason + "; submitting again",
+        await self._submit(manifest, intent, report,
+                           reason + f"; submitting again under a fresh uid {intent.uid}",
                            resolve_unknown=False)
 
     @staticmethod

@@ -14,8 +14,10 @@ The schema is versioned (``PRAGMA user_version``) and migrated forward on open; 
 by a newer version is refused. A writer takes an exclusive ``flock`` on ``<db>.lock`` so two
 daemons never share a store.
 
-Errors: :class:`StoreError` (and :class:`StoreLocked`, :class:`StoreTooNew`), translated from
-``sqlite3`` and ``OSError`` where they enter.
+A writer runs ``PRAGMA quick_check`` when it opens the store and refuses a damaged one.
+
+Errors: :class:`StoreError` (and :class:`StoreLocked`, :class:`StoreTooNew`,
+:class:`StoreCorrupt`), translated from ``sqlite3`` and ``OSError`` where they enter.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class StoreTooNew(StoreError):
     pass
 
 
+class StoreCorrupt(StoreError):
+    pass
+
+
 def default_path() -> Path:
     """``$STATE_DIRECTORY/state.db`` under systemd, else ``~/.local/state/reconciler``."""
     state_dirs = os.environ.get("STATE_DIRECTORY")
@@ -126,6 +132,8 @@ class Store:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._lock_fd = _take_lock(path)
             self._db = self._connect(path, writer)
+            if writer:
+                self._refuse_if_corrupt()
             self._migrate(writer)
             if writer:
                 # Not a schema version: a cache of what plan may show of a replaced spec
@@ -148,6 +156,19 @@ class Store:
         db.execute("PRAGMA busy_timeout=5000")
         db.row_factory = sqlite3.Row
         return db
+
+    def _refuse_if_corrupt(self) -> None:
+        """``PRAGMA quick_check`` once at open: a damaged page would otherwise fail some
+        passes (whichever touch it) forever; refused here, it is one clear message at start.
+        It reads every page once: 2.4 ms for 10,000 records (2.7 MB) here."""
+        problem = self.check()
+        if problem != "ok":
+            self.close()
+            raise StoreCorrupt(
+                f"{self.path}: the database is damaged (quick_check: {problem.splitlines()[0]});"
+                " restore it from a backup, or move it away to start afresh: live jobs are "
+                "then adopted by their name annotation"
+            )
 
     def _migrate(self, writer: bool) -> None:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])

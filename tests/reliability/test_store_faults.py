@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +17,17 @@ import pytest
 from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
-from tests.reliability.common import audit, figures, manifest
+from tests.reliability.common import audit, figures, manifest, size
 from tests.test_daemon import wait_until
 
 
-def start(tmp: Path, dev: DevProcess, key: Path, state: Path, names: list[str]
-          ) -> tuple[DaemonProcess, Path]:
+def start(tmp: Path, dev: DevProcess, key: Path, state: Path, names: list[str],
+          env: dict[str, str] | None = None) -> tuple[DaemonProcess, Path]:
     root = tmp / "manifests"
     root.mkdir(exist_ok=True)
     for name in names:
         (root / f"{name}.yaml").write_text(manifest(name, f"img:{name}"))
-    return DaemonProcess(daemon_args(root, state, dev.url, key)), root
+    return DaemonProcess(daemon_args(root, state, dev.url, key), env), root
 
 
 def test_second_daemon_on_one_store_refuses(tmp_path: Path, dev: DevProcess,
@@ -85,6 +85,74 @@ def test_store_locked_by_another_process(tmp_path: Path, dev: DevProcess,
     figures("store-locked", failed_passes=len(daemon.named("pass.failed")),
             duplicates=result.duplicates, lost=result.lost)
     assert result.clean
+
+
+def test_store_locked_mid_apply_never_duplicates(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path
+) -> None:
+    """Issue 11, item 1: the store is locked (longer than SQLite's 5 s busy timeout) while a
+    pass has submits in flight at 1 s latency. The pass fails; no later pass may start before
+    those requests end, nor send a uid twice; the requester must end with one live job per
+    name."""
+    count = size(40, 100)  # 4 at a time: submits take 10 s (25 s full)
+    dev = dev_factory("--latency", "1.0", "--job-duration", "3600")
+    state = tmp_path / "state.db"
+    Store(state).close()
+    names = [f"m-{i:03d}" for i in range(count)]
+    daemon, _ = start(tmp_path, dev, rsa_key, state, names, {"RECONCILER_CONCURRENCY": "4"})
+    holder = None
+    try:
+        daemon.wait_event("daemon.started")
+        wait_until(lambda: dev.stats().get("/requester/submit", 0) >= 1, timeout=30)
+        holder = subprocess.Popen([sys.executable, "-c",
+                                   "import sys, tests.reliability.test_store_faults as t; "
+                                   "t._hold_lock(sys.argv[1], 6)", str(state)])
+        daemon.wait_event("pass.failed", timeout=60)
+        holder.wait(30)
+        wait_until(lambda: len(dev.jobs()) >= count and daemon.quiet(), timeout=120)
+        started = time.monotonic()
+        wait_until(lambda: time.monotonic() - started > 2.0)  # a late arrival would land now
+    finally:
+        daemon.stop()
+        if holder is not None:
+            holder.kill()
+    jobs = dev.jobs()
+    result = audit(jobs, {n: f"img:{n}" for n in names})
+    figures("store-locked-mid-apply", manifests=count, latency_s=1.0, lock_s=6,
+            failed_passes=len(daemon.named("pass.failed")), jobs=len(jobs),
+            adopted=len(daemon.named("job.adopted")),
+            duplicates_cancelled=len(daemon.named("job.duplicate_cancelled")),
+            duplicates=result.duplicates, lost=result.lost)
+    assert not [line for line in daemon.raw if "never retrieved" in line]
+    assert result.clean, result.problems[:20]
+
+
+def test_lost_store_adopts_instead_of_resubmitting(tmp_path: Path, dev: DevProcess,
+                                                   rsa_key: Path) -> None:
+    """Issue 11, item 3: the database (and its WAL) removed while the daemon is stopped: the
+    restarted daemon adopts every live job by its name annotation; nothing is submitted
+    again."""
+    state = tmp_path / "state.db"
+    names = [f"s-{i:02d}" for i in range(size(30, 100))]
+    daemon, root = start(tmp_path, dev, rsa_key, state, names)
+    try:
+        daemon.wait_for(daemon.quiet, 60, "the first sync")
+    finally:
+        daemon.stop()
+    before = len(dev.jobs())
+    for path in tmp_path.glob("state.db*"):
+        path.unlink()
+    second = DaemonProcess(daemon_args(root, state, dev.url, rsa_key))
+    try:
+        second.wait_for(second.quiet, 60, "convergence after the loss")
+    finally:
+        second.stop()
+    result = audit(dev.jobs(), {n: f"img:{n}" for n in names})
+    figures("store-lost", manifests=len(names), jobs_before=before,
+            submitted_after=len(dev.jobs()) - before, adopted=len(second.named("job.adopted")))
+    assert len(dev.jobs()) == before == len(names)
+    assert len(second.named("job.adopted")) == len(names)
+    assert result.clean, result.problems[:20]
 
 
 @pytest.fixture
