@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from reconciler.service.daemon import Daemon
 from reconciler.settings import load_settings
 from reconciler.sources.folder import FolderSource
 from reconciler.store.sqlite import Store
+from tests.conftest import DevProcess
+from tests.daemon_proc import Daemons, daemon_args
 from tests.harness import envelope
 
 OLD = int(time.time()) - 3600 + 0.25  # an mtime long settled
@@ -374,3 +377,83 @@ def test_the_store_recovers_once_space_is_back_on_a_real_full_volume(tmp_path: P
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "failures_after_space_back=0" in result.stdout
+
+
+# --- the same, against a real daemon and dev requester -----------------------------------------
+
+
+def _annotated(dev: DevProcess, name: str) -> list[dict[str, Any]]:
+    return dev.jobs(include_tags=[f"reconciler-manifest:{name}"])
+
+
+def test_a_half_written_file_is_never_submitted_by_a_pass_run_for_another_reason(
+    tmp_path: Path, dev: DevProcess, rsa_key: Path
+) -> None:
+    """A live manifest rewritten in place, its first half already a valid manifest (another
+    image): a SIGUSR1 pass under ``--watch poll`` runs while it is half written (no event
+    has come: an in-place write sends none until it is closed, and polling comes later).
+    The pass waits for it; the job is replaced once, by the whole file."""
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    daemons = Daemons()
+    try:
+        daemon = daemons.start(daemon_args(root, tmp_path / "state.db", dev.url, rsa_key,
+                                           "--watch", "poll"),
+                               {"RECONCILER_DEBOUNCE": "1.0"})  # room for a loaded machine
+        daemon.wait_for(daemon.quiet, what="a quiet pass")
+        whole = envelope("a", image="alpine", env=("STAGE=full",))
+        half = whole[:whole.index("    environmentVariables:")]
+        assert collect(FolderSource(root).read()).manifests  # (the half alone is valid)
+        passes = len(daemon.named("pass.completed"))
+        with (root / "a.yaml").open("w") as out:
+            out.write(half)
+            out.flush()
+            daemon.signal(signal.SIGUSR1)
+            daemon.wait_for(lambda: len(daemon.named("pass.completed")) > passes,
+                            what="the SIGUSR1 pass")
+            during = daemon.named("pass.completed")[passes]
+            out.write(whole[len(half):])
+        assert during["waiting"] >= 1 and during["changes"] == 0, during
+        daemon.wait_for(lambda: len(_annotated(dev, "a")) == 2, what="the replace")
+        daemon.wait_for(daemon.quiet, what="a quiet pass")
+    finally:
+        daemons.stop_all()
+    jobs = _annotated(dev, "a")
+    assert sorted(j["State"]["State"] for j in jobs) == ["Cancelled", "New"]
+    [live] = [j for j in jobs if j["State"]["State"] == "New"]
+    assert live["Job"]["Spec"]["Docker"]["EnvironmentVariables"] == ["STAGE=full"]
+    assert len(daemon.named("job.submitted")) == 2  # the first job, and the whole file
+
+
+@pytest.mark.slow
+def test_a_slow_deletion_meets_the_mass_cancel_guard_in_the_daemon(
+    tmp_path: Path, dev: DevProcess, rsa_key: Path
+) -> None:
+    """The issue's scenario: 12 of 20 manifests deleted one at a time, 0.5 s apart, under a
+    running daemon. Cancels 1-10 are at most half of the 20 live jobs; the 11th and 12th are
+    blocked, and stay blocked across a restart."""
+    root = tmp_path / "manifests"
+    root.mkdir()
+    for i in range(20):
+        (root / f"j{i:02d}.yaml").write_text(envelope(f"j{i:02d}"))
+    args = daemon_args(root, tmp_path / "state.db", dev.url, rsa_key)
+    env = {"RECONCILER_REMOVAL_GRACE": "0.3"}
+    daemons = Daemons()
+    try:
+        daemon = daemons.start(args, env)
+        daemon.wait_for(lambda: len(daemon.named("job.submitted")) == 20, what="20 submits")
+        for i in range(12):
+            (root / f"j{i:02d}.yaml").unlink()
+            time.sleep(0.5)
+        daemon.wait_event("prune.blocked", timeout=30)
+        time.sleep(1.0)
+        assert len(daemon.named("job.cancelled")) == 10
+        daemon.stop()
+        again = daemons.start(args, env)
+        again.wait_event("prune.blocked")
+        assert not again.named("job.cancelled")
+    finally:
+        daemons.stop_all()
+    states = [j["State"]["State"] for j in dev.jobs()]
+    assert (states.count("Cancelled"), states.count("New")) == (10, 10)
