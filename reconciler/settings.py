@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     removal_grace: float = Field(2.0, ge=0, description="A recorded manifest must stay missing "
                                  "this long before its job counts as removed (slow editor "
                                  "saves, git checkouts).")
-    max_delay: float = Field(1.0, gt=0, description="A file that keeps changing is acted on "
-                             "this long after its first change anyway.")
+    max_delay: float = Field(1.0, gt=0, description="A pass runs this long after a file's "
+                             "first change even if it keeps changing (a file written less than "
+                             "`debounce` ago still waits).")
     resync_interval: float = Field(60.0, gt=0, description="A full pass runs at least this "
                                    "often, events or not.")
     poll_interval: float = Field(10.0, gt=0, description="How often live jobs are listed to "
