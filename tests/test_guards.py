@@ -457,3 +457,21 @@ def test_a_slow_deletion_meets_the_mass_cancel_guard_in_the_daemon(
         daemons.stop_all()
     states = [j["State"]["State"] for j in dev.jobs()]
     assert (states.count("Cancelled"), states.count("New")) == (10, 10)
+
+
+def test_a_problem_reported_once_is_not_repeated_after_its_file_settles_again(
+    tmp_path: Path,
+) -> None:
+    """Settling is common now (every young file): a broken file already reported, then seen
+    settling for a pass (a late watcher event), must not be reported a second time."""
+    from structlog.testing import capture_logs
+
+    (tmp_path / "bad.yaml").write_text(envelope("bad").replace("engine: docker", "engine: 7"))
+    os.utime(tmp_path / "bad.yaml", (OLD, OLD))
+    with Store(tmp_path / "s.db") as store:
+        reconciler = Reconciler(FolderSource(tmp_path), store, PlanPolicy())
+        with capture_logs() as logs:
+            asyncio.run(reconciler.run_pass(None))
+            asyncio.run(reconciler.run_pass(None, frozenset({"bad.yaml"})))
+            asyncio.run(reconciler.run_pass(None))
+    assert [e["event"] for e in logs].count("manifest.invalid") == 1

@@ -160,9 +160,11 @@ class Reconciler:
         """One event per problem when it first appears, not on every pass."""
         current: set[str] = set()
         for error in desired.errors:
-            if desired.is_settling(error.path):
-                continue  # most likely a save still being written
             key = f"invalid:{error}"
+            if desired.is_settling(error.path):
+                if key in self._reported:  # reported already: a late event must not repeat it
+                    current.add(key)
+                continue  # most likely a save still being written
             current.add(key)
             if key not in self._reported:
                 self._log.error("manifest.invalid", path=error.path, line=error.line,

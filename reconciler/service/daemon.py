@@ -243,7 +243,9 @@ class Daemon:
         result = self._last_result
         if result is not None and result.plan.changes:
             delay = min(delay, _SETTLE_AFTER_CHANGES)
-        if self._reconciler.source_settling:  # a file written moments ago: look again then
+        if self._reconciler.source_settling and not self._pending:
+            # A file written moments ago and no event to bring a pass: look again once it
+            # settled (an in-place write, or --watch poll). Pending events bring their own.
             delay = min(delay, self.settings.debounce + 0.01)
         check = self._reconciler.next_removal_check()
         if check is not None:  # a removal waiting out its grace period: look again then
