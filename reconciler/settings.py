@@ -79,6 +79,9 @@ class Settings(BaseSettings):
                                      "more than this share of live jobs...")
     mass_cancel_min: int = Field(3, ge=0, description="...and more than this many is blocked "
                                  "until `apply --allow-mass-cancel`.")
+    mass_cancel_window: float = Field(600.0, gt=0, le=7 * 86400, description="Cancels are "
+                                      "counted over this many seconds (kept in the store), so "
+                                      "removals one at a time meet the same guard.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
     request_timeout: float = Field(30.0, gt=0, description="Seconds before a request is given "
                                    "up (a submit then counts as outcome unknown).")
@@ -91,10 +94,13 @@ class Settings(BaseSettings):
     backoff_max: float = Field(600.0, gt=0, description="Cap of that delay.")
     # --- the daemon ----------------------------------------------------------------------
     debounce: float = Field(0.15, ge=0, description="A changed file is acted on once it has "
-                            "been quiet this long, a removed one once it has stayed missing "
-                            "this long.")
-    max_delay: float = Field(1.0, gt=0, description="A file that keeps changing is acted on "
-                             "this long after its first change anyway.")
+                            "been quiet this long (by its events and its mtime).")
+    removal_grace: float = Field(2.0, ge=0, description="A recorded manifest must stay missing "
+                                 "this long before its job counts as removed (slow editor "
+                                 "saves, git checkouts).")
+    max_delay: float = Field(1.0, gt=0, description="A pass runs this long after a file's "
+                             "first change even if it keeps changing (a file written less than "
+                             "`debounce` ago still waits).")
     resync_interval: float = Field(60.0, gt=0, description="A full pass runs at least this "
                                    "often, events or not.")
     poll_interval: float = Field(10.0, gt=0, description="How often live jobs are listed to "
@@ -126,6 +132,7 @@ class Settings(BaseSettings):
             allow_empty=self.allow_empty,
             mass_cancel_ratio=self.mass_cancel_ratio,
             mass_cancel_min=self.mass_cancel_min,
+            mass_cancel_window=self.mass_cancel_window,
             allow_mass_cancel=allow_mass_cancel,
             backoff_base=self.backoff_base,
             backoff_max=self.backoff_max,

@@ -373,8 +373,8 @@ def test_poll_mode_sees_changes(tmp_path: Path, dev: DevProcess,
     started(dev, "--watch", "poll")
     (root / "b.yaml").write_text(envelope("b"))
     wait_until(lambda: by_name(dev).get("b") == ["New"], timeout=3)
-    (root / "a.yaml").unlink()
-    wait_until(lambda: by_name(dev).get("a") == ["Cancelled"], timeout=3)
+    (root / "a.yaml").unlink()  # cancelled once the removal grace (2 s) is over
+    wait_until(lambda: by_name(dev).get("a") == ["Cancelled"], timeout=5)
 
 
 def test_run_dev_quick_start(tmp_path: Path) -> None:
@@ -456,7 +456,7 @@ def test_a_file_removed_while_stopped_is_cancelled_after_its_grace(
     first.wait_for(first.quiet, what="a quiet pass")
     first.stop()
     (root / "gone.yaml").unlink()
-    second = started(dev, env={"RECONCILER_DEBOUNCE": "0.5"})
+    second = started(dev, env={"RECONCILER_REMOVAL_GRACE": "0.5"})
     second.wait_for(second.quiet, what="a quiet pass")
     passes = second.named("pass.completed")
     assert (passes[0]["changes"], passes[0]["waiting"]) == (0, 1)

@@ -105,11 +105,16 @@ class Ed25519Signer:
 # --- key files -------------------------------------------------------------------------------
 
 
-def check_key_permissions(path: Path) -> None:
-    """Refuse a key file that group or others may read or write.
+def check_key_permissions(path: Path, uid: int | None = None) -> None:
+    """Refuse a key file that group or others may read or write, or that someone else could
+    replace: as ssh's ``StrictModes`` does, the file and every folder above it must be owned
+    by root or by us (``uid``, default the effective user), and no folder may be writable by
+    group or others unless its sticky bit keeps them from renaming what they do not own (as in
+    ``/tmp``).
 
     A 0400/0600 file is fine, which includes what systemd's ``LoadCredential=`` hands over.
     """
+    uid = os.geteuid() if uid is None else uid
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -125,6 +130,29 @@ def check_key_permissions(path: Path) -> None:
             f"{path}: the signing key is readable or writable by others "
             f"(mode {stat.S_IMODE(info.st_mode):04o}); run `chmod 600 {path}`"
         )
+    if info.st_uid not in (0, uid):
+        raise KeyFileError(f"{path}: the signing key is owned by another user "
+                           f"(uid {info.st_uid}); it must belong to root or to uid {uid}")
+    _check_key_folders(path, uid)
+
+
+def _check_key_folders(path: Path, uid: int) -> None:
+    """Every folder on the way to the key (as given, and after resolving links)."""
+    folders = {*path.absolute().parents, *path.resolve().parents}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        try:
+            info = folder.stat()
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot check the folder {folder} ({exc.strerror})"
+                               ) from None
+        if info.st_uid not in (0, uid):
+            raise KeyFileError(f"{path}: the folder {folder} is owned by another user "
+                               f"(uid {info.st_uid}), who could replace the signing key")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise KeyFileError(
+                f"{path}: the folder {folder} is writable by others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}), who could replace the signing key; "
+                f"run `chmod go-w {folder}`")
 
 
 def load_signer(path: Path) -> Signer:

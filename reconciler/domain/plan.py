@@ -20,6 +20,9 @@ The rules (``docs/design.md`` has the table):
 Guards: a source that is not ready (missing, unreadable, or empty without ``allow_empty``)
 holds everything; a pass that would cancel more than ``mass_cancel_ratio`` of the managed live
 jobs *and* more than ``mass_cancel_min`` of them is blocked until an operator allows it once.
+Cancels are counted over a sliding window (``mass_cancel_window``): the caller passes in how
+many removals were cancelled within it (``recent_cancels``), so deleting manifests one at a
+time meets the same guard as deleting them at once, and the planner stays pure.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class PlanPolicy:
     allow_empty: bool = False
     mass_cancel_ratio: float = 0.5
     mass_cancel_min: int = 3
+    #: Seconds over which cancels are counted by the guard (the caller counts them).
+    mass_cancel_window: float = 600.0
     allow_mass_cancel: bool = False
     backoff_base: float = 10.0
     backoff_max: float = 600.0
@@ -122,8 +127,10 @@ class Plan:
 
 
 def plan(
-    desired: Desired, recorded: Iterable[Record], policy: PlanPolicy, now: float
+    desired: Desired, recorded: Iterable[Record], policy: PlanPolicy, now: float,
+    recent_cancels: int = 0,
 ) -> Plan:
+    """``recent_cancels``: removals cancelled within ``policy.mass_cancel_window`` so far."""
     records = {r.name: r for r in recorded}
     not_ready = _not_ready_reason(desired, policy)
     if not_ready:
@@ -133,7 +140,7 @@ def plan(
         _settled(_decide(name, desired, records.get(name), policy, now), desired)
         for name in names
     ]
-    decisions, guards = _guard_mass_cancel(decisions, records, policy)
+    decisions, guards = _guard_mass_cancel(decisions, records, policy, recent_cancels)
     return Plan(tuple(decisions), guards, True, desired.revision)
 
 
@@ -312,16 +319,23 @@ def _decide_removed(record: Record) -> Decision:
 
 
 def _guard_mass_cancel(
-    decisions: list[Decision], records: Mapping[str, Record], policy: PlanPolicy
+    decisions: list[Decision], records: Mapping[str, Record], policy: PlanPolicy,
+    recent: int = 0,
 ) -> tuple[list[Decision], tuple[Guard, ...]]:
+    """The jobs cancelled within the window count as if this pass cancelled them too, out of
+    the live jobs there were before them."""
     cancels = [d for d in decisions if d.action is Action.CANCEL]
-    live = sum(1 for r in records.values() if r.phase in LIVE_PHASES)
-    too_many = len(cancels) > policy.mass_cancel_min and (
-        len(cancels) > policy.mass_cancel_ratio * live
-    )
+    if not cancels:
+        return decisions, ()
+    recent = max(0, recent)
+    live = sum(1 for r in records.values() if r.phase in LIVE_PHASES) + recent
+    total = len(cancels) + recent
+    too_many = total > policy.mass_cancel_min and total > policy.mass_cancel_ratio * live
     if not too_many or policy.allow_mass_cancel:
         return decisions, ()
-    reason = (f"would cancel {len(cancels)} of {live} live jobs (more than "
+    earlier = (f", {recent} of them already cancelled in the last "
+               f"{_duration(policy.mass_cancel_window)}" if recent else "")
+    reason = (f"would cancel {total} of {live} live jobs{earlier} (more than "
               f"{policy.mass_cancel_ratio:.0%} and more than {policy.mass_cancel_min}); "
               "run `reconciler apply --allow-mass-cancel` once to allow it")
     blocked = [
@@ -331,6 +345,10 @@ def _guard_mass_cancel(
         for d in decisions
     ]
     return blocked, (Guard("prune.blocked", reason, tuple(d.name for d in cancels)),)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 class _Make(Protocol):

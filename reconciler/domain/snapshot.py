@@ -18,3 +18,5 @@ class Snapshot:
     files: Mapping[str, FileResult] = field(default_factory=dict)
     #: Subdirectories (relative, with a trailing "/") that could not be listed.
     broken_dirs: tuple[str, ...] = ()
+    #: Files changed moments ago that may still be being written: the planner waits for them.
+    settling: frozenset[str] = frozenset()

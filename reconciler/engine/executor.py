@@ -310,8 +310,8 @@ class Executor:
         done = await self._cancel(intent, decision.reason, report)
         if not done:
             return
-        if decision.action is Action.CANCEL:
-            self._store.forget([intent.name])
+        if decision.action is Action.CANCEL:  # counted by the mass-cancel guard's window
+            self._store.forget([intent.name], cancelled_at=self._clock())
             return
         assert decision.manifest is not None  # a replace: the new spec follows the cancel
         fresh = self._submit_intent(decision.manifest, intent, intent.revision)

@@ -76,11 +76,13 @@ class Reconciler:
         policy: PlanPolicy,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
         self.store = store
         self.policy = policy
         self._clock = clock
+        self._monotonic = monotonic
         self._log = structlog.get_logger("reconciler")
         self._reported: set[str] = set()
         #: A recorded file must stay missing this long before its job counts as removed: a
@@ -88,6 +90,8 @@ class Reconciler:
         #: read that saw it missing. The daemon sets it; one-shot commands have one read only.
         self.removal_grace = 0.0
         self._missing_since: dict[str, float] = {}
+        #: Whether the last read found files the source says may still be being written.
+        self.source_settling = False
 
     def plan(
         self, policy: PlanPolicy | None = None, settling: frozenset[str] = frozenset()
@@ -95,14 +99,18 @@ class Reconciler:
         """Read and plan, without side effects (works offline)."""
         snapshot = self.source.read()
         records = self.store.records()
-        settling = settling | self._recently_missing(snapshot, records)
+        self.source_settling = bool(snapshot.settling)
+        settling = settling | snapshot.settling | self._recently_missing(snapshot, records)
         desired = replace(collect(snapshot), settling=settling)
-        return desired, plan(desired, records, policy or self.policy, self._clock())
+        policy = policy or self.policy
+        now = self._clock()
+        recent = self.store.recent_cancels(now - policy.mass_cancel_window)
+        return desired, plan(desired, records, policy, now, recent)
 
     def _recently_missing(self, snapshot: Snapshot, records: list[Record]) -> frozenset[str]:
         if not self.removal_grace or not snapshot.ready:
             return frozenset()
-        now = time.monotonic()
+        now = self._monotonic()
         missing = {r.path for r in records if r.path not in snapshot.files}
         self._missing_since = {p: self._missing_since.get(p, now) for p in missing}
         return frozenset(p for p, since in self._missing_since.items()
@@ -111,7 +119,7 @@ class Reconciler:
     def next_removal_check(self) -> float | None:
         """When the earliest still-young removal matures (monotonic), if any."""
         young = [since + self.removal_grace for since in self._missing_since.values()
-                 if since + self.removal_grace > time.monotonic()]
+                 if since + self.removal_grace > self._monotonic()]
         return min(young, default=None)
 
     async def run_pass(
@@ -124,6 +132,9 @@ class Reconciler:
         if executor is not None:
             self._sync_policies(desired)
             self._remember_views(the_plan)
+            if self.policy.allow_mass_cancel and the_plan.by_action(Action.CANCEL):
+                # The operator allowed these cancels: the guard's window starts afresh.
+                self.store.clear_cancels()
         result = PassResult(desired, the_plan, report, time.perf_counter() - started)
         self._log.info(
             "pass.completed", state=result.overall, revision=the_plan.revision,
@@ -167,9 +178,11 @@ class Reconciler:
         """One event per problem when it first appears, not on every pass."""
         current: set[str] = set()
         for error in desired.errors:
-            if desired.is_settling(error.path):
-                continue  # most likely a save still being written
             key = f"invalid:{error}"
+            if desired.is_settling(error.path):
+                if key in self._reported:  # reported already: a late event must not repeat it
+                    current.add(key)
+                continue  # most likely a save still being written
             current.add(key)
             if key not in self._reported:
                 self._log.error("manifest.invalid", path=error.path, line=error.line,

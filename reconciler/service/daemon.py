@@ -48,6 +48,7 @@ from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
 from reconciler.service.probe import MAX_PROBE_BODY, ProbeService
 from reconciler.settings import Settings, SettingsError
+from reconciler.sources.folder import FolderSource
 from reconciler.sources.git import GitError, GitSource
 from reconciler.sources.watch import Watcher
 from reconciler.store.sqlite import Store, StoreError
@@ -83,7 +84,7 @@ class Daemon:
         self._source = settings.source()
         self._git = self._source if isinstance(self._source, GitSource) else None
         self._reconciler = Reconciler(self._source, store, self._policy())
-        self._reconciler.removal_grace = settings.debounce
+        self._apply_settle_settings()
         self._fetch_failures = 0
         self._fetch_requested = False
         self._observe_failures = 0
@@ -103,6 +104,13 @@ class Daemon:
 
     def _policy(self) -> PlanPolicy:
         return self.settings.plan_policy()
+
+    def _apply_settle_settings(self) -> None:
+        """A removal counts after ``removal_grace``; a file whose mtime is younger than
+        ``debounce`` waits whatever triggered the pass (docs/design.md, Departures)."""
+        self._reconciler.removal_grace = self.settings.removal_grace
+        if isinstance(self._source, FolderSource):
+            self._source.settle = self.settings.debounce
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -235,6 +243,10 @@ class Daemon:
         result = self._last_result
         if result is not None and result.plan.changes:
             delay = min(delay, _SETTLE_AFTER_CHANGES)
+        if self._reconciler.source_settling and not self._pending:
+            # A file written moments ago and no event to bring a pass: look again once it
+            # settled (an in-place write, or --watch poll). Pending events bring their own.
+            delay = min(delay, self.settings.debounce + 0.01)
         check = self._reconciler.next_removal_check()
         if check is not None:  # a removal waiting out its grace period: look again then
             delay = min(delay, max(0.0, check - time.monotonic()) + 0.01)
@@ -356,6 +368,7 @@ class Daemon:
         applied = [k for k in changed if k not in restart_needed]
         self.settings = self.settings.model_copy(update={k: getattr(fresh, k) for k in applied})
         self._reconciler.policy = self._policy()
+        self._apply_settle_settings()
         self._executor = self._new_executor()
         self._log.info("config.reloaded", changed=applied, needs_restart=restart_needed)
         self._reload_done_pending = True

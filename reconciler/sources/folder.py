@@ -12,13 +12,20 @@ silently incomplete. The link target's name is the snapshot's revision.
 
 Files are parsed only when their (size, mtime, ctime, inode) changed since the last read, so a
 pass over an unchanged tree costs one ``stat`` per file.
+
+With ``settle`` set (the daemon sets its ``debounce``), a snapshot also lists the files that may
+still be being written: modified less than ``settle`` seconds ago by their mtime, or, when the
+mtime cannot tell (whole seconds, or in the future), whose stat changed since an earlier read
+less than ``settle`` seconds ago. The planner waits for those, whatever made the pass run: a
+write in place sends no event until it closes, and ``--watch poll`` sees changes late.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from reconciler.domain.manifest import MAX_FILE_BYTES, FileResult, LoadError, load_file, wanted_file
@@ -37,9 +44,23 @@ class _Moved(Exception):
 class FolderSource:
     """A manifests folder (or a symlink to one). Keeps a parse cache between reads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        settle: float = 0.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = root
+        #: Files changed less than this many seconds ago are reported as settling (0: never).
+        self.settle = settle
+        self._clock = clock
+        self._monotonic = monotonic
         self._cache: dict[str, tuple[_StatKey, FileResult]] = {}
+        self._primed = False  # a first read happened: later new or changed stats are changes
+        #: path -> when a read first saw its current stat (monotonic), while that is recent
+        self._changed_at: dict[str, float] = {}
 
     def read(self) -> Snapshot:
         for _ in range(READ_ATTEMPTS):
@@ -76,10 +97,39 @@ class FolderSource:
             os.close(dfd)
         if link_path is not None and _read_link(link_path) != link:
             raise _Moved  # swapped while we read: the listing may mix two revisions
+        settling = self._settling(walk.seen)
         self._cache = walk.seen
         files = {path: result for path, (_, result) in walk.seen.items()}
         files.update(walk.failed)
-        return Snapshot(True, "", revision, files, tuple(walk.broken_dirs))
+        return Snapshot(True, "", revision, files, tuple(walk.broken_dirs), settling)
+
+    def _settling(self, seen: Mapping[str, tuple[_StatKey, FileResult]]) -> frozenset[str]:
+        """Files that may still be being written (see the module's docstring)."""
+        if not self.settle:
+            return frozenset()
+        wall, now, settle = self._clock(), self._monotonic(), self.settle
+        primed, self._primed = self._primed, True
+        changed_at: dict[str, float] = {}
+        young: set[str] = set()
+        for rel, (key, _) in seen.items():
+            age = wall - key[1] / 1e9
+            if -settle < age < settle:
+                young.add(rel)
+                continue
+            # An mtime that cannot tell: in the future (clock skew, NFS) or in whole seconds
+            # (a coarse file system may date a write up to a second early). A stat that
+            # changed since the last read then settles by the reader's clock.
+            if age > 0 and key[1] % 1_000_000_000:
+                continue
+            before = self._cache.get(rel)
+            if primed and (before is None or before[0] != key):
+                changed_at[rel] = now
+            elif rel in self._changed_at and now - self._changed_at[rel] < settle:
+                changed_at[rel] = self._changed_at[rel]
+            if rel in changed_at:
+                young.add(rel)
+        self._changed_at = changed_at
+        return frozenset(young)
 
 
 def split_at_link(root: Path) -> tuple[Path | None, Path]:

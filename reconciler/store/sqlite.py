@@ -14,6 +14,15 @@ The schema is versioned (``PRAGMA user_version``) and migrated forward on open; 
 by a newer version is refused. A writer takes an exclusive ``flock`` on ``<db>.lock`` so two
 daemons never share a store.
 
+The files (db, ``-wal``, ``-shm``, lock) are private (0600) whatever the umask and whether or
+not the folder existed: SQLite creates the database 0644 and gives the ``-wal`` and ``-shm``
+files the database's mode, so the database file is created 0600 before SQLite opens it.
+
+A full disk: the WAL only shrinks at a checkpoint, and on a small volume it can fill the volume
+before an automatic checkpoint is due, after which every write fails even once space is back.
+A write that fails for lack of space therefore checkpoints the WAL (``TRUNCATE``) and is tried
+again once.
+
 A writer runs ``PRAGMA quick_check`` when it opens the store and refuses a damaged one.
 
 Errors: :class:`StoreError` (and :class:`StoreLocked`, :class:`StoreTooNew`,
@@ -35,7 +44,9 @@ from typing import Any
 
 from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Cancels older than this are pruned: the longest ``mass_cancel_window`` allowed.
+CANCEL_HISTORY = 7 * 86400.0
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -75,6 +86,12 @@ _MIGRATIONS: dict[int, str] = {
         received_at REAL NOT NULL,
         decided_at REAL
     );
+    """,
+    # When removals were cancelled: the mass-cancel guard counts them over a sliding window,
+    # and the count must survive a restart (issue 11 item 6).
+    3: """
+    CREATE TABLE cancels (name TEXT NOT NULL, at REAL NOT NULL);
+    CREATE INDEX cancels_at ON cancels(at);
     """,
 }
 
@@ -127,10 +144,13 @@ class Store:
         # pass does not read every row back from SQLite; others always read the file.
         self._cache: dict[str, Record] | None = None
         self._caching = writer and exclusive
+        self._reclaim_pending = False  # a write failed for lack of space; see _reclaim
         with _translated(path):
             if writer and exclusive:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self._lock_fd = _take_lock(path)
+            if writer:
+                _make_private(path)
             self._db = self._connect(path, writer)
             if writer:
                 self._refuse_if_corrupt()
@@ -306,10 +326,29 @@ class Store:
         """Write outcomes (NORMAL): cheap; an intent already guards each of them."""
         self._write(records, durable=False)
 
-    def forget(self, names: Iterable[str]) -> None:
+    def recent_cancels(self, since: float) -> int:
+        """How many removals were cancelled at or after ``since`` (wall-clock seconds)."""
+        with _translated(self.path):
+            row = self._db.execute("SELECT count(*) FROM cancels WHERE at >= ?",
+                                   (since,)).fetchone()
+        return int(row[0])
+
+    def clear_cancels(self) -> None:
+        """Start the mass-cancel window afresh (an operator allowed a mass cancel)."""
+        with _translated(self.path), self._transaction(durable=False):
+            self._db.execute("DELETE FROM cancels")
+
+    def forget(self, names: Iterable[str], *, cancelled_at: float | None = None) -> None:
+        """Drop records; ``cancelled_at``: their jobs were just cancelled because their
+        manifests were removed, which the mass-cancel guard counts (same transaction)."""
         gone = list(names)
         with _translated(self.path), self._transaction(durable=False):
             self._db.executemany("DELETE FROM jobs WHERE name = ?", [(n,) for n in gone])
+            if cancelled_at is not None:
+                self._db.executemany("INSERT INTO cancels VALUES (?, ?)",
+                                     [(n, cancelled_at) for n in gone])
+                self._db.execute("DELETE FROM cancels WHERE at < ?",
+                                 (cancelled_at - CANCEL_HISTORY,))
         if self._cache is not None:  # only once the transaction committed
             for name in gone:
                 self._cache.pop(name, None)
@@ -321,22 +360,64 @@ class Store:
         rows = [asdict(r) | {"phase": str(r.phase), "updated_at": now} for r in records]
         placeholders = ", ".join(f":{c}" for c in _COLUMNS)
         sql = f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
-        with _translated(self.path), self._transaction(durable):
-            self._db.executemany(sql, rows)
+        with _translated(self.path):
+            try:
+                with self._transaction(durable):
+                    self._db.executemany(sql, rows)
+            except sqlite3.DatabaseError as exc:
+                if not _out_of_space(exc):
+                    raise
+                with self._transaction(durable):  # once, after the WAL was checkpointed
+                    self._db.executemany(sql, rows)
         if self._cache is not None:  # only once the transaction committed
             for record in records:
                 self._cache[record.name] = replace(record, updated_at=now)
 
     @contextlib.contextmanager
     def _transaction(self, durable: bool) -> Iterator[None]:
+        if self._reclaim_pending:  # first, while the space just freed is still free
+            self._reclaim()
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            # SQLite may have rolled back already (a full disk does); never leave one open,
+            # or every later BEGIN fails.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if _out_of_space(exc):
+                self._reclaim()
             raise
-        self._db.execute("COMMIT")
+
+    def _reclaim(self) -> None:
+        """After a write failed for lack of space: copy the WAL into the database and truncate
+        it. That needs room for the database to grow, so until it succeeds it is tried again
+        before every transaction: the first write after space returns must not spend that
+        space on the WAL, or the volume fills again with nothing left to checkpoint into."""
+        try:
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.DatabaseError:
+            busy = 1
+        self._reclaim_pending = bool(busy)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """SQLITE_FULL, or an I/O error (a file-size limit gives EFBIG, reported as IOERR)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+
+
+def _make_private(path: Path) -> None:
+    """Create the database 0600 (SQLite's -wal and -shm follow its mode), and tighten files an
+    older version left readable by others."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        member = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(member).st_mode & 0o077:
+                os.chmod(member, 0o600)
 
 
 def _take_lock(path: Path) -> int:
