@@ -428,6 +428,10 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         desired, the_plan = reconciler.plan()
         records = store.records()
     overall = PassResult(desired, the_plan).overall
+    if overall == "ready" and the_plan.changes:
+        # Changes not carried out yet (a requester that could not be reached, a daemon that is
+        # not running): the network is not in line with the folder.
+        overall = "degraded"
     held = len(the_plan.by_action(Action.HOLD))
     holds = {d.name: d.reason for d in the_plan.by_action(Action.HOLD)}
     written = max((r.updated_at for r in records), default=0.0)
