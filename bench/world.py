@@ -9,11 +9,11 @@ import time
 import uuid
 from pathlib import Path
 
+from reconciler.backends.legacy_jobs import job_annotations
 from reconciler.backends.signing import Signer
 from reconciler.devnet.jobs import apply_transforms
 from reconciler.domain.manifest import load_file
 from reconciler.domain.records import Phase, Record
-from reconciler.engine.executor import job_annotations
 from reconciler.store.sqlite import Store
 from tests.reliability.common import manifest
 

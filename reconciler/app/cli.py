@@ -25,6 +25,7 @@ from reconciler.backends.legacy import (
     RetryPolicy,
     Unreachable,
 )
+from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
 from reconciler.domain.desired import collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
@@ -233,13 +234,14 @@ async def apply_until_settled(
     reconciler = Reconciler(source, store, policy)
     async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
                          timeout=settings.request_timeout) as client:
-        executor = Executor(store, client, policy, concurrency=settings.concurrency,
+        backend = LegacyBackend(client)
+        executor = Executor(store, backend, policy, concurrency=settings.concurrency,
                             confirmations=settings.resolve_confirmations,
                             resolve_delay=settings.resolve_delay)
         if sys.stderr.isatty():
             executor.on_progress = _progress_line
         try:
-            await observe(store, client, policy)
+            await observe(store, backend, policy)
         except RequesterError as exc:  # planning goes on; effects meet the same error
             structlog.get_logger("reconciler").warning("observe.failed", error=str(exc))
         first = result = await reconciler.run_pass(executor)

@@ -33,17 +33,30 @@ import json
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
+from reconciler.backends.errors import (
+    AlreadyTerminal,
+    InvalidRequest,
+    NoExecutions,
+    NotAuthorized,
+    NotFound,
+    OutcomeUnknown,
+    PermanentError,
+    RateLimited,
+    RequesterError,
+    ServerError,
+    TransientError,
+    Unreachable,
+)
 from reconciler.backends.signing import Signer, signed_body
 
 __all__ = [
     "AlreadyTerminal",
     "ApiClient",
     "InvalidRequest",
-    "JobInfo",
     "NoExecutions",
     "NotAuthorized",
     "NotFound",
@@ -55,63 +68,8 @@ __all__ = [
     "ServerError",
     "TransientError",
     "Unreachable",
+    "WireJob",
 ]
-
-class RequesterError(Exception):
-    """Base of every error raised by this module."""
-
-    def __init__(
-        self, message: str, *, status: int | None = None, job_id: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        #: X-Bacalhau-Job-ID of the reply, when the server sent one.
-        self.job_id = job_id
-
-
-class PermanentError(RequesterError):
-    pass
-
-
-class InvalidRequest(PermanentError):
-    pass
-
-
-class NotAuthorized(PermanentError):
-    pass
-
-
-class NotFound(PermanentError):
-    pass
-
-
-class AlreadyTerminal(PermanentError):
-    pass
-
-
-class NoExecutions(PermanentError):
-    pass
-
-
-class TransientError(RequesterError):
-    pass
-
-
-class RateLimited(TransientError):
-    pass
-
-
-class ServerError(TransientError):
-    pass
-
-
-class Unreachable(TransientError):
-    pass
-
-
-class OutcomeUnknown(RequesterError):
-    """A submit may or may not have created a job."""
-
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -126,8 +84,9 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class JobInfo:
-    """One job as the requester lists it."""
+class WireJob:
+    """One job as the requester lists it (the legacy wire's view; the engine sees
+    :class:`reconciler.ports.JobInfo`)."""
 
     job_id: str
     state: str
@@ -136,7 +95,7 @@ class JobInfo:
     created_at: str = ""  # only what the reconciler needs: a list of 10,000 jobs is 45 MB
 
     @classmethod
-    def from_wire(cls, item: Mapping[str, Any]) -> JobInfo:
+    def from_wire(cls, item: Mapping[str, Any]) -> WireJob:
         job = item.get("Job") or {}
         metadata = job.get("Metadata") or {}
         spec = job.get("Spec") or {}
@@ -148,19 +107,6 @@ class JobInfo:
             annotations=tuple(spec.get("Annotations") or ()),
             created_at=str(metadata.get("CreatedAt", "")),
         )
-
-
-class Requester(Protocol):
-    """What the executor needs from a backend; a newer orchestrator API can implement it too."""
-
-    @property
-    def client_id(self) -> str: ...
-    async def submit(self, spec: Mapping[str, Any]) -> str: ...
-    async def cancel(self, job_id: str, reason: str) -> str: ...
-    async def list_jobs(
-        self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-    ) -> list[JobInfo]: ...
-    async def state(self, job_id: str) -> str: ...
 
 
 @dataclass
@@ -274,7 +220,7 @@ class ApiClient:
 
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-    ) -> list[JobInfo]:
+    ) -> list[WireJob]:
         """Our jobs (by client id), optionally only those carrying any of ``include_tags``."""
         request: dict[str, Any] = {
             "client_id": self.client_id,
@@ -287,7 +233,7 @@ class ApiClient:
         body = json.dumps(request).encode()
         reply = await self._retrying(lambda: self._post("list", "/requester/list", body))
         jobs = (reply.body or {}).get("jobs") if isinstance(reply.body, Mapping) else None
-        return [JobInfo.from_wire(item) for item in jobs or []]
+        return [WireJob.from_wire(item) for item in jobs or []]
 
     async def state(self, job_id: str) -> str:
         body = json.dumps({"client_id": self.client_id, "job_id": job_id}).encode()

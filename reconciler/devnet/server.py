@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import structlog
 
-from reconciler.backends.signing import EnvelopeError, verify_envelope
 from reconciler.devnet import checks
+from reconciler.devnet.envelope import EnvelopeError, verify_envelope
 from reconciler.devnet.jobs import Job, JobStore
 
 Scope = MutableMapping[str, Any]

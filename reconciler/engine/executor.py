@@ -1,14 +1,15 @@
-"""The executor: carries a :class:`~reconciler.domain.plan.Plan` out through a requester, durably.
+"""The executor: carries a :class:`~reconciler.domain.plan.Plan` out through a backend, durably.
 
 Order of every remote effect (ops.md 4.2, anchors section 2):
 
 1. commit an intent (a record in phase ``submitting`` with a fresh uid, or ``cancelling``);
    the intents of up to ``INTENT_BATCH`` actions share one durable commit;
-2. send the request (a submit carries the uid as the annotation ``reconciler-uid:<uid>``);
+2. send the request (the backend tags the job with the uid; the legacy API as the annotation
+   ``reconciler-uid:<uid>``);
 3. save the outcome (job id and state).
 
-A submit whose outcome is unknown (lost reply, 5xx) is resolved by listing its uid; an empty
-list is not proof of absence, so the lookup is repeated ``confirmations`` times before the
+A submit whose outcome is unknown (lost reply, 5xx) is resolved by finding its uid; an empty
+answer is not proof of absence, so the lookup is repeated ``confirmations`` times before the
 same intent is submitted again. A replace cancels, then submits, each step durable.
 
 Decisions are the planner's; this module only carries them out and reports what happened as
@@ -27,56 +28,26 @@ from typing import Any
 
 import structlog
 
-from reconciler.backends.legacy import (
-    AlreadyTerminal,
-    JobInfo,
-    NotFound,
-    OutcomeUnknown,
-    Requester,
-    RequesterError,
-)
+from reconciler.backends.errors import AlreadyTerminal, NotFound, OutcomeUnknown, RequesterError
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy
 from reconciler.domain.records import Phase, Record
-from reconciler.store.sqlite import Store
+from reconciler.ports import Backend, JobInfo, JobPhase, StateStore
 
 INTENT_BATCH = 256
-UID_TAG = "reconciler-uid:"
 
 #: An intent in doubt, its manifest (None once removed), and what follows a confirmed absence.
 Pending = tuple[Record, Manifest | None, Action]
-JOB_PHASES = {"Completed": Phase.COMPLETED, "Error": Phase.FAILED, "Cancelled": Phase.CANCELLED}
-
-
-def job_annotations(manifest: Manifest, uid: str) -> list[str]:
-    """Our annotations: lower-case, within the CLI's safe set ``[a-z0-9._~!:@,;+-]``."""
-    return [
-        "reconciler",
-        UID_TAG + uid,
-        f"reconciler-manifest:{manifest.name}",
-        f"reconciler-spec:{manifest.spec_hash[:16]}",
-    ]
-
-
-async def jobs_by_uid(
-    requester: Requester, uids: Sequence[str], batch: int = 500
-) -> dict[str, list[JobInfo]]:
-    """Our jobs carrying any of these uids, by uid. Asked ``batch`` uids at a time, so a reply
-    holds only the jobs asked about, however many ended jobs the requester keeps."""
-    found: dict[str, list[JobInfo]] = {}
-    wanted = set(uids)
-    for start in range(0, len(uids), batch):
-        tags = [UID_TAG + uid for uid in uids[start : start + batch]]
-        for job in await requester.list_jobs(include_tags=tags):
-            for tag in job.annotations:
-                uid = tag.removeprefix(UID_TAG)
-                if tag.startswith(UID_TAG) and uid in wanted:
-                    found.setdefault(uid, []).append(job)
-    return found
-
-
-def phase_of(state: str) -> Phase:
-    return JOB_PHASES.get(state, Phase.ACTIVE)
+#: What a job's phase means for its record. UNKNOWN (a state the backend could not place) is
+#: kept live on purpose: the job exists and has not been seen to end, so it is polled again
+#: rather than resubmitted or forgotten.
+RECORD_PHASES = {
+    JobPhase.RUNNING: Phase.ACTIVE,
+    JobPhase.UNKNOWN: Phase.ACTIVE,
+    JobPhase.COMPLETED: Phase.COMPLETED,
+    JobPhase.FAILED: Phase.FAILED,
+    JobPhase.CANCELLED: Phase.CANCELLED,
+}
 
 
 @dataclass
@@ -99,8 +70,8 @@ class ApplyReport:
 class Executor:
     def __init__(
         self,
-        store: Store,
-        requester: Requester,
+        store: StateStore,
+        backend: Backend,
         policy: PlanPolicy,
         *,
         concurrency: int = 8,
@@ -109,7 +80,7 @@ class Executor:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._requester = requester
+        self._backend = backend
         self._policy = policy
         self._semaphore = asyncio.Semaphore(concurrency)
         self._confirmations = max(1, confirmations)
@@ -209,11 +180,9 @@ class Executor:
         *, resolve_unknown: bool = True,
     ) -> None:
         assert intent.uid is not None
-        spec = manifest.wire()
-        spec["Annotations"] = [*spec.get("Annotations", []), *job_annotations(manifest, intent.uid)]
         fields = self._fields(intent, reason=reason)
         try:
-            job_id = await self._requester.submit(spec)
+            job = await self._backend.submit(manifest, intent.uid)
         except OutcomeUnknown as exc:
             self._log.warning("job.submit_unknown", **fields, error=str(exc))
             report.count("submit.unknown")
@@ -224,9 +193,9 @@ class Executor:
         except RequesterError as exc:
             self._failed(intent, "submit", exc, report)
             return
-        self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job_id, job_state="New",
-                                  last_error=None)])
-        self._log.info("job.submitted", **fields | {"job_id": job_id})
+        self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
+                                  job_state=job.state, last_error=None)])
+        self._log.info("job.submitted", **fields | {"job_id": job.job_id})
         report.count("submit.ok")
 
     async def _cancel(self, record: Record, reason: str, report: ApplyReport) -> bool:
@@ -235,7 +204,7 @@ class Executor:
         if record.job_id is None:
             return True
         try:
-            state = await self._requester.cancel(record.job_id, reason)
+            state = await self._backend.stop(record.job_id, reason)
         except (AlreadyTerminal, NotFound) as exc:
             self._log.info("job.cancel_skipped", **fields, detail=str(exc))
             report.count("cancel.skipped")
@@ -303,7 +272,7 @@ class Executor:
             if attempt:
                 await asyncio.sleep(self._resolve_delay * attempt)
             try:
-                found = await jobs_by_uid(self._requester, list(waiting))
+                found = await self._backend.find(list(waiting))
             except RequesterError as exc:
                 for record, _, _ in waiting.values():
                     self._failed(record, "lookup", exc, report)
@@ -317,7 +286,7 @@ class Executor:
 
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
         keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
-        adopted = replace(record, phase=phase_of(keep.state), job_id=keep.job_id,
+        adopted = replace(record, phase=RECORD_PHASES[keep.phase], job_id=keep.job_id,
                           job_state=keep.state, last_error=None)
         self._store.save([adopted])
         self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,

@@ -17,8 +17,7 @@ from reconciler.domain.plan import Action, Plan, PlanPolicy, plan
 from reconciler.domain.records import Record, StoredPolicy
 from reconciler.domain.snapshot import Snapshot
 from reconciler.engine.executor import ApplyReport, Executor
-from reconciler.ports import Source
-from reconciler.store.sqlite import Store
+from reconciler.ports import Source, StateStore
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class Reconciler:
     def __init__(
         self,
         source: Source,
-        store: Store,
+        store: StateStore,
         policy: PlanPolicy,
         *,
         clock: Callable[[], float] = time.time,

@@ -36,7 +36,9 @@ from enum import Enum
 
 import structlog
 
-from reconciler.backends.legacy import ApiClient, RequesterError
+from reconciler.backends.errors import RequesterError
+from reconciler.backends.legacy import ApiClient
+from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
@@ -124,14 +126,14 @@ class Daemon:
         pinger = self._start_watchdog()
         self._log.info("daemon.started", manifests=self._describe_source(),
                        endpoint=self.settings.endpoint, client_id=self._signer.client_id,
-                       state=str(self._store.path), watch=self.settings.watch, pid=os.getpid())
+                       state=self._store.location, watch=self.settings.watch, pid=os.getpid())
         try:
             async with ApiClient(self.settings.endpoint, self._signer,
                                  prefix=self.settings.api_prefix,
                                  timeout=self.settings.request_timeout,
                                  max_connections=max(16, self.settings.concurrency)) as client:
                 client.on_request = self._on_request
-                self._client = client
+                self._backend = LegacyBackend(client)
                 self._executor = self._new_executor()
                 await self._work_loop()
         finally:
@@ -148,7 +150,7 @@ class Daemon:
         return 0
 
     def _new_executor(self) -> Executor:
-        executor = Executor(self._store, self._client, self._policy(),
+        executor = Executor(self._store, self._backend, self._policy(),
                             concurrency=self.settings.concurrency,
                             confirmations=self.settings.resolve_confirmations,
                             resolve_delay=self.settings.resolve_delay)
@@ -316,7 +318,7 @@ class Daemon:
         """Refresh live jobs; True when something changed that a pass should act on."""
         started = time.process_time()
         try:
-            counts: Counter[str] = await observe(self._store, self._client, self._policy())
+            counts: Counter[str] = await observe(self._store, self._backend, self._policy())
         except (RequesterError, StoreError) as exc:
             self._observe_failures += 1
             self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll_delay())
@@ -442,10 +444,9 @@ class Daemon:
 
     async def _client_id_of(self, job_id: str) -> str | None:
         try:
-            jobs = await self._client.list_jobs(job_id=job_id)
+            return await self._backend.owner_of(job_id)
         except RequesterError:
             return None
-        return jobs[0].client_id if jobs else None
 
     async def _start_health_server(self) -> HealthServer | None:
         if not self.settings.metrics_listen:

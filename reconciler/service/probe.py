@@ -17,14 +17,14 @@ import structlog
 
 from reconciler.domain.approval import ApprovalPolicy, ProbeRequest, decide, needs_client_id
 from reconciler.domain.records import Approval
+from reconciler.ports import StateStore
 from reconciler.service.http import Response
-from reconciler.store.sqlite import Store
 
 ClientIdLookup = Callable[[str], Awaitable[str | None]]
 _STATES = {"approve": "approved", "reject": "rejected", "manual": "pending"}
 
 
-def effective_policies(store: Store) -> dict[str, ApprovalPolicy]:
+def effective_policies(store: StateStore) -> dict[str, ApprovalPolicy]:
     """The policies in force: the last valid version of each, as the store keeps them."""
     return {p.name: ApprovalPolicy.model_validate_json(p.body) for p in store.policies()}
 
@@ -40,7 +40,7 @@ def summary(request: ProbeRequest) -> str:
 
 
 class ProbeService:
-    def __init__(self, store: Store, lookup_client_id: ClientIdLookup) -> None:
+    def __init__(self, store: StateStore, lookup_client_id: ClientIdLookup) -> None:
         self._store = store
         self._lookup = lookup_client_id
         self._log = structlog.get_logger("reconciler.service.probe")

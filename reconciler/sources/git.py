@@ -22,11 +22,12 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.domain.snapshot import Snapshot
 from reconciler.events import scrub_text
+from reconciler.ports import FetchResult
+from reconciler.sources.errors import FetchError
 from reconciler.sources.folder import FolderSource
 
 GIT_TIMEOUT = 120.0
@@ -34,14 +35,8 @@ KEEP_SNAPSHOTS = 2
 _TARGET_REF = "refs/reconciler/target"
 
 
-class GitError(Exception):
+class GitError(FetchError):
     """A git command failed; the message names the step and carries no credentials."""
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    commit: str
-    changed: bool
 
 
 class GitSource:
@@ -62,6 +57,9 @@ class GitSource:
         if not self.current.is_symlink():
             return Snapshot(False, f"{self.url}: no revision fetched yet")
         return self._folder.read()
+
+    def describe(self) -> str:
+        return f"{scrub_text(self.url)} ref {self.ref} path /{self.path}"
 
     def commit(self) -> str | None:
         try:

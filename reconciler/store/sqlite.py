@@ -180,6 +180,10 @@ class Store:
 
     # --- reading ------------------------------------------------------------------------
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def records(self) -> list[Record]:
         if self._cache is not None:
             return list(self._cache.values())
