@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.records import Approval, Record, StoredPolicy
@@ -35,6 +35,7 @@ class FetchResult:
     changed: bool
 
 
+@runtime_checkable
 class Fetching(Protocol):
     """The optional capability of a source that pulls from a remote (a git repository): the
     daemon fetches it on a timer and on ``SIGUSR1`` instead of watching files. A source without

@@ -17,26 +17,19 @@ import click
 import structlog
 
 from reconciler import events
-from reconciler.backends.legacy import (
-    ApiClient,
-    NoExecutions,
-    NotAuthorized,
-    RequesterError,
-    RetryPolicy,
-    Unreachable,
-)
-from reconciler.backends.legacy_jobs import LegacyBackend
+from reconciler.app import wiring
+from reconciler.backends.errors import NoExecutions, NotAuthorized, RequesterError, Unreachable
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
 from reconciler.domain.desired import collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
-from reconciler.engine.executor import ApplyReport, Executor
+from reconciler.engine.executor import ApplyReport
 from reconciler.engine.observe import observe
-from reconciler.engine.reconcile import PassResult, Reconciler
+from reconciler.engine.reconcile import PassResult
 from reconciler.events import scrub_text
+from reconciler.ports import Fetching, StateStore
 from reconciler.settings import Settings, SettingsError, load_settings
-from reconciler.sources.folder import FolderSource
-from reconciler.sources.git import GitError, GitSource
-from reconciler.store.sqlite import Store, StoreError
+from reconciler.sources.errors import FetchError
+from reconciler.store.errors import StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,9 +105,9 @@ def signer_from(settings: Settings) -> Signer:
 
 
 @contextmanager
-def opened_store(settings: Settings, *, writer: bool) -> Iterator[Store]:
+def opened_store(settings: Settings, *, writer: bool) -> Iterator[StateStore]:
     try:
-        store = Store(settings.state_path(), writer=writer)
+        store = wiring.store(settings, writer=writer)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -131,7 +124,7 @@ def opened_store(settings: Settings, *, writer: bool) -> Iterator[Store]:
 def validate(directory: Path | None) -> None:
     """Check every manifest; one line per error. Exit 0 when all are valid."""
     root = directory or settings_from(None).manifests
-    desired = collect(FolderSource(root).read())
+    desired = collect(wiring.folder(root).read())
     if not desired.ready:
         click.echo(f"error: {desired.reason}", err=True)
         sys.exit(EXIT_ERROR)
@@ -149,7 +142,7 @@ def plan_command(config: Path | None, as_json: bool, show_all: bool, **flags: An
     """Show what apply would do and why. Offline. Exit 0 no changes, 2 changes, 1 error."""
     settings = settings_from(config, **flags)
     with opened_store(settings, writer=False) as store:
-        reconciler = Reconciler(settings.source(), store, settings.plan_policy())
+        reconciler = wiring.reconciler(settings, store)
         desired, the_plan = reconciler.plan()
     errors = [str(e) for e in desired.errors]
     if as_json:
@@ -206,8 +199,8 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
     settings = settings_from(config, **flags)
     if dry_run:
         with opened_store(settings, writer=False) as store:
-            policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
-            desired, the_plan = Reconciler(settings.source(), store, policy).plan(policy)
+            policy = wiring.plan_policy(settings, allow_mass_cancel=allow_mass_cancel)
+            desired, the_plan = wiring.reconciler(settings, store, policy).plan(policy)
         print_plan(the_plan, [str(e) for e in desired.errors])
         sys.exit(EXIT_OK)
     signer = signer_from(settings)
@@ -221,23 +214,20 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
 
 
 async def apply_until_settled(
-    settings: Settings, signer: Signer, store: Store, allow_mass_cancel: bool, rounds: int = 5
+    settings: Settings, signer: Signer, store: StateStore, allow_mass_cancel: bool,
+    rounds: int = 5,
 ) -> PassResult:
     """Passes until a plan has no changes (a replace or resolve can take two passes)."""
-    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel)
-    source = settings.source()
-    if isinstance(source, GitSource):
+    policy = wiring.plan_policy(settings, allow_mass_cancel=allow_mass_cancel)
+    source = wiring.source(settings)
+    if isinstance(source, Fetching):
         try:
             await asyncio.to_thread(source.fetch)
-        except GitError as exc:  # the pass below then reports the source not ready
+        except FetchError as exc:  # the pass below then reports the source not ready
             structlog.get_logger("reconciler").error("git.fetch_failed", error=str(exc))
-    reconciler = Reconciler(source, store, policy)
-    async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
-                         timeout=settings.request_timeout) as client:
-        backend = LegacyBackend(client)
-        executor = Executor(store, backend, policy, concurrency=settings.concurrency,
-                            confirmations=settings.resolve_confirmations,
-                            resolve_delay=settings.resolve_delay)
+    reconciler = wiring.reconciler(settings, store, policy, source)
+    async with wiring.backend(settings, signer) as backend:
+        executor = wiring.executor(settings, store, backend, policy)
         if sys.stderr.isatty():
             executor.on_progress = _progress_line
         try:
@@ -273,7 +263,7 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         _print_approvals(settings, as_json)
         return
     with opened_store(settings, writer=False) as store:
-        reconciler = Reconciler(settings.source(), store, settings.plan_policy())
+        reconciler = wiring.reconciler(settings, store)
         desired, the_plan = reconciler.plan()
         records = store.records()
     overall = PassResult(desired, the_plan).overall
@@ -316,8 +306,6 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
               "key and state, and reconcile against it.")
 def run(config: Path | None, dev: bool, **flags: Any) -> None:
     """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
-    from reconciler.service.daemon import Daemon
-
     settings = settings_from(config, **flags)
     if settings.log_format != "auto":
         events.configure(settings.log_format)
@@ -329,9 +317,10 @@ def run(config: Path | None, dev: bool, **flags: Any) -> None:
     signer = signer_from(settings)
     try:
         with opened_store(settings, writer=True) as store:
-            daemon = Daemon(settings, signer, store,
-                            reload=lambda: load_settings(config, **flags) if not dev_overrides
-                            else load_settings(config, **flags).model_copy(update=dev_overrides))
+            daemon = wiring.daemon(
+                settings, signer, store,
+                reload=lambda: load_settings(config, **flags) if not dev_overrides
+                else load_settings(config, **flags).model_copy(update=dev_overrides))
             code = asyncio.run(daemon.run())
     finally:
         if requester is not None:
@@ -399,8 +388,7 @@ def _approve_url(settings: Settings, job_id: str, node: str | None) -> str:
 
 async def _send_approval(settings: Settings, signer: Signer, url: str, job_id: str,
                          should_bid: bool, reason: str) -> None:
-    async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
-                         retry=RetryPolicy(attempts=3)) as client:
+    async with wiring.approver(settings, signer) as client:
         try:
             await client.approve_at(url, job_id, should_bid=should_bid, reason=reason)
         except NotAuthorized:
@@ -422,7 +410,7 @@ def _record_decision(settings: Settings, job_id: str, verdict: str, reason: str)
     """Mark the recorded request decided; a running daemon holds the store's daemon lock, so
     write without it (SQLite serializes the writers)."""
     try:
-        store = Store(settings.state_path(), writer=True, exclusive=False)
+        store = wiring.store(settings, writer=True, exclusive=False)
     except StoreError:
         return
     with store:

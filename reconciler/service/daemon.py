@@ -36,23 +36,21 @@ from enum import Enum
 
 import structlog
 
+from reconciler.app import wiring
 from reconciler.backends.errors import RequesterError
-from reconciler.backends.legacy import ApiClient
-from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
 from reconciler.engine.observe import observe
-from reconciler.engine.reconcile import PassResult, Reconciler
-from reconciler.events import scrub_text
+from reconciler.engine.reconcile import PassResult
+from reconciler.ports import Backend, Fetching, StateStore
 from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
 from reconciler.service.probe import ProbeService
 from reconciler.settings import Settings, SettingsError
-from reconciler.sources.git import GitError, GitSource
-from reconciler.sources.watch import Watcher
-from reconciler.store.sqlite import Store, StoreError
+from reconciler.sources.errors import FetchError
+from reconciler.store.errors import StoreError
 
 _RETRY_AFTER_FAILED_PASS = 2.0
 _SETTLE_AFTER_CHANGES = 1.0
@@ -70,7 +68,7 @@ class Daemon:
         self,
         settings: Settings,
         signer: Signer,
-        store: Store,
+        store: StateStore,
         *,
         reload: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
@@ -82,9 +80,10 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._metrics = standard_metrics()
         self._log = structlog.get_logger("reconciler")
-        self._source = settings.source()
-        self._git = self._source if isinstance(self._source, GitSource) else None
-        self._reconciler = Reconciler(self._source, store, self._policy())
+        self._source = wiring.source(settings)
+        # A source that fetches (git) is fetched on a timer; any other is watched for events.
+        self._git = self._source if isinstance(self._source, Fetching) else None
+        self._reconciler = wiring.reconciler(settings, store, self._policy(), self._source)
         self._reconciler.removal_grace = settings.debounce
         self._fetch_failures = 0
         self._fetch_requested = False
@@ -104,7 +103,7 @@ class Daemon:
         self._pass_task: asyncio.Task[PassResult] | None = None
 
     def _policy(self) -> PlanPolicy:
-        return self.settings.plan_policy()
+        return wiring.plan_policy(self.settings)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -116,24 +115,22 @@ class Daemon:
             loop.call_soon_threadsafe(self._on_file_event, key)
 
         # A git source publishes immutable snapshots after its own fetches: nothing to watch.
-        watcher = None if self._git else Watcher(self.settings.manifests, from_watcher_thread,
-                                                 self.settings.watch)
+        watcher = None if self._git else wiring.watcher(self.settings, from_watcher_thread)
         if watcher is not None:
             watcher.start()
         self._watcher = watcher
         server = await self._start_health_server()
         probe = await self._start_probe()
         pinger = self._start_watchdog()
-        self._log.info("daemon.started", manifests=self._describe_source(),
-                       endpoint=self.settings.endpoint, client_id=self._signer.client_id,
-                       state=self._store.location, watch=self.settings.watch, pid=os.getpid())
         try:
-            async with ApiClient(self.settings.endpoint, self._signer,
-                                 prefix=self.settings.api_prefix,
-                                 timeout=self.settings.request_timeout,
-                                 max_connections=max(16, self.settings.concurrency)) as client:
-                client.on_request = self._on_request
-                self._backend = LegacyBackend(client)
+            async with wiring.backend(self.settings, self._signer, on_request=self._on_request,
+                                      max_connections=max(16, self.settings.concurrency)
+                                      ) as backend:
+                self._backend: Backend = backend
+                self._log.info("daemon.started", manifests=self._describe_source(),
+                               endpoint=self.settings.endpoint, client_id=backend.identity,
+                               state=self._store.location, watch=self.settings.watch,
+                               pid=os.getpid())
                 self._executor = self._new_executor()
                 await self._work_loop()
         finally:
@@ -150,16 +147,13 @@ class Daemon:
         return 0
 
     def _new_executor(self) -> Executor:
-        executor = Executor(self._store, self._backend, self._policy(),
-                            concurrency=self.settings.concurrency,
-                            confirmations=self.settings.resolve_confirmations,
-                            resolve_delay=self.settings.resolve_delay)
+        executor = wiring.executor(self.settings, self._store, self._backend, self._policy())
         executor.on_progress = lambda done, total: self._alive()
         return executor
 
     def _describe_source(self) -> str:
         if self._git is not None:
-            return f"{scrub_text(self._git.url)} ref {self._git.ref} path /{self._git.path}"
+            return self._git.describe()
         return str(self.settings.manifests)
 
     async def _work_loop(self) -> None:
@@ -299,7 +293,7 @@ class Daemon:
         interval = self.settings.git_interval
         try:
             result = await asyncio.to_thread(self._git.fetch)
-        except GitError as exc:
+        except FetchError as exc:
             self._fetch_failures += 1
             retry = min(interval * 10, interval * 2 ** (self._fetch_failures - 1))
             self._next_fetch = time.monotonic() + retry
