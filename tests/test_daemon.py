@@ -409,11 +409,11 @@ def test_polling_stays_within_its_cpu_budget(tmp_path: Path, rsa_key: Path) -> N
     settings = load_settings(None, manifests=tmp_path, poll_interval=10.0, poll_budget=0.005)
     with open_store(tmp_path / "s.db") as store:
         daemon = Daemon(settings, load_signer(rsa_key), store)
-        assert daemon._poll_delay() == 10.0  # a cheap poll keeps the interval
-        daemon._poll_cost = 0.2  # a list of 10,000 jobs
-        assert daemon._poll_delay() == pytest.approx(40.0)
-        daemon._poll_cost, daemon._observe_failures = 0.0, 3  # requester unreachable
-        assert daemon._poll_delay() == 80.0
+        assert daemon._poll.delay() == 10.0  # a cheap poll keeps the interval
+        daemon._poll.cost = 0.2  # a list of 10,000 jobs
+        assert daemon._poll.delay() == pytest.approx(40.0)
+        daemon._poll.cost, daemon._poll.failures = 0.0, 3  # requester unreachable
+        assert daemon._poll.delay() == 80.0
 
 
 def test_a_removal_must_outlast_the_settle_period(tmp_path: Path) -> None:

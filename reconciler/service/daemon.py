@@ -48,6 +48,7 @@ from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
 from reconciler.service.probe import ProbeService
+from reconciler.service.timers import Backoff, PollBudget, Settle
 from reconciler.settings import Settings, SettingsError
 from reconciler.sources.errors import FetchError
 from reconciler.store.errors import StoreError
@@ -85,16 +86,15 @@ class Daemon:
         self._git = self._source if isinstance(self._source, Fetching) else None
         self._reconciler = wiring.reconciler(settings, store, self._policy(), self._source)
         self._reconciler.removal_grace = settings.debounce
-        self._fetch_failures = 0
+        self._fetches = Backoff(settings.git_interval, settings.git_interval * 10,
+                                first_at=float("inf"))  # armed by the loop, for git only
         self._fetch_requested = False
-        self._observe_failures = 0
-        self._poll_cost = 0.0  # CPU seconds the last poll took
+        self._poll = PollBudget(settings.poll_interval, settings.poll_budget)
         self._started = time.monotonic()
         self._last_alive = self._started  # a completed pass, or progress inside one
         self._last_result: PassResult | None = None
         self._last_pass_ok = False
-        #: path key -> (first, last) event time of changes not yet settled
-        self._pending: dict[str, tuple[float, float]] = {}
+        self._settle = Settle(settings.debounce, settings.max_delay)
         self._stopping = False
         self._reload_requested = False
         self._sync_requested = False
@@ -159,7 +159,7 @@ class Daemon:
     async def _work_loop(self) -> None:
         next_resync = time.monotonic()  # the first pass runs at once
         next_poll = next_resync + self.settings.poll_interval
-        self._next_fetch = next_resync if self._git else float("inf")
+        self._fetches.next_at = next_resync if self._git else float("inf")
         while True:
             work = await self._next_work(next_resync, next_poll)
             if work is _Work.STOP:
@@ -170,7 +170,7 @@ class Daemon:
                 continue
             if work is _Work.POLL:
                 changed = await self._observe()
-                next_poll = time.monotonic() + self._poll_delay()
+                next_poll = time.monotonic() + self._poll.delay()
                 if not changed:
                     continue
             next_resync = time.monotonic() + await self._pass_then_delay()
@@ -180,35 +180,20 @@ class Daemon:
             now = time.monotonic()
             if self._stopping:
                 return _Work.STOP
-            if self._fetch_requested or (self._git and now >= self._next_fetch):
+            if self._fetch_requested or (self._git and self._fetches.due()):
                 self._fetch_requested = False
                 return _Work.FETCH
             if self._sync_requested or self._reload_requested:
                 self._sync_requested = False
                 return _Work.PASS
-            if self._pending and now >= self._settle_deadline():
+            if self._settle.due():
                 return _Work.PASS
             if now >= next_resync:
                 return _Work.PASS
             if now >= next_poll:
                 return _Work.POLL
-            await self._sleep_until(min(next_resync, next_poll, self._next_fetch,
-                                        self._settle_deadline()))
-
-    def _settle_deadline(self) -> float:
-        """When the first pending path settles: quiet for ``debounce``, or changing for
-        ``max_delay`` already (a file rewritten nonstop is taken as it is then)."""
-        debounce, max_delay = self.settings.debounce, self.settings.max_delay
-        return min((min(last + debounce, first + max_delay)
-                    for first, last in self._pending.values()), default=float("inf"))
-
-    def _take_settling(self) -> frozenset[str]:
-        """Forget the settled paths; return those still changing, for the planner."""
-        now = time.monotonic()
-        debounce, max_delay = self.settings.debounce, self.settings.max_delay
-        self._pending = {key: (first, last) for key, (first, last) in self._pending.items()
-                         if now - last < debounce and now - first < max_delay}
-        return frozenset(self._pending)
+            await self._sleep_until(min(next_resync, next_poll, self._fetches.next_at,
+                                        self._settle.deadline()))
 
     async def _sleep_until(self, deadline: float) -> None:
         self._wake.clear()
@@ -238,7 +223,7 @@ class Daemon:
 
     async def _guarded_pass(self) -> bool:
         """Run one pass; a failure is logged and reported, never the end of the loop."""
-        settling = self._take_settling()
+        settling = self._settle.take_settling()
         if self._watcher is not None and self._watcher.ensure():
             self._log.info("watch.moved", manifests=str(self.settings.manifests))
         assert self._executor is not None
@@ -290,45 +275,40 @@ class Daemon:
         """Fetch the repository; True when a pass should follow (new commit, or a failure
         that the status must show)."""
         assert self._git is not None
-        interval = self.settings.git_interval
         try:
             result = await asyncio.to_thread(self._git.fetch)
         except FetchError as exc:
-            self._fetch_failures += 1
-            retry = min(interval * 10, interval * 2 ** (self._fetch_failures - 1))
-            self._next_fetch = time.monotonic() + retry
+            retry = self._fetches.failed()
             self._log.error("git.fetch_failed", error=str(exc), retry_in_s=retry,
                             revision=self._git.commit(),
                             reason="source not ready: nothing is cancelled; last good "
                                    "snapshot kept")
-            return self._fetch_failures == 1
-        was_failing, self._fetch_failures = self._fetch_failures > 0, 0
-        self._next_fetch = time.monotonic() + interval
+            return self._fetches.failures == 1
+        was_failing = self._fetches.succeeded()
         if result.changed:
             self._log.info("git.fetched", revision=result.commit, ref=self._git.ref)
         return result.changed or was_failing
 
     async def _observe(self) -> bool:
         """Refresh live jobs; True when something changed that a pass should act on."""
-        started = time.process_time()
-        try:
-            counts: Counter[str] = await observe(self._store, self._backend, self._policy())
-        except (RequesterError, StoreError) as exc:
-            self._observe_failures += 1
-            self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll_delay())
-            return False
-        finally:
-            self._poll_cost = time.process_time() - started
-        self._observe_failures = 0
+        with self._poll.measuring():
+            try:
+                counts: Counter[str] = await observe(self._store, self._backend, self._policy())
+            except (RequesterError, StoreError) as exc:
+                self._poll.failures += 1
+                self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll.delay())
+                return False
+        self._poll.failures = 0
         return bool(counts)
 
-    def _poll_delay(self) -> float:
-        """The poll interval, doubling while the requester cannot be reached (up to 2 min),
-        and stretched so that polling stays within ``poll_budget`` of one core: the legacy
-        list has no paging, and parsing 10,000 jobs costs ~0.2 s of CPU."""
-        interval = self.settings.poll_interval
-        backoff = min(max(interval, 120.0), interval * 2.0 ** self._observe_failures)
-        return float(max(backoff, self._poll_cost / self.settings.poll_budget))
+    def _configure_timers(self) -> None:
+        """Settings a reload may change take effect on the next deadline."""
+        self._settle.debounce, self._settle.max_delay = (self.settings.debounce,
+                                                         self.settings.max_delay)
+        self._fetches.interval = self.settings.git_interval
+        self._fetches.cap = self.settings.git_interval * 10
+        self._poll.interval, self._poll.budget = (self.settings.poll_interval,
+                                                  self.settings.poll_budget)
 
     # --- reload ---------------------------------------------------------------------------
 
@@ -353,6 +333,7 @@ class Daemon:
         self.settings = self.settings.model_copy(update={k: getattr(fresh, k) for k in applied})
         self._reconciler.policy = self._policy()
         self._executor = self._new_executor()
+        self._configure_timers()
         self._log.info("config.reloaded", changed=applied, needs_restart=restart_needed)
         self._reload_done_pending = True
 
@@ -396,9 +377,7 @@ class Daemon:
         self._wake.set()
 
     def _on_file_event(self, key: str) -> None:
-        now = time.monotonic()
-        first, _ = self._pending.get(key, (now, now))
-        self._pending[key] = (first, now)
+        self._settle.changed(key)
         self._wake.set()
 
     def _alive(self) -> None:
