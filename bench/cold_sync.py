@@ -24,14 +24,15 @@ import httpx
 
 from bench.common import key, requester, scratch, table
 from reconciler import events
+from reconciler.app.wiring import open_store
 from reconciler.backends.legacy import ApiClient
+from reconciler.backends.legacy_jobs import LegacyBackend, job_annotations
 from reconciler.backends.signing import Signer, load_signer, signed_body
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
-from reconciler.engine.executor import Executor, job_annotations
+from reconciler.engine.executor import Executor
 from reconciler.engine.reconcile import Reconciler
 from reconciler.sources.folder import FolderSource
-from reconciler.store.sqlite import Store
 from tests.reliability.common import manifest
 
 CONCURRENCY = 8
@@ -44,10 +45,10 @@ def write_manifests(root: Path, count: int) -> None:
 
 
 async def reconciler_run(root: Path, state: Path, url: str, signer: Signer) -> float:
-    store = Store(state)
+    store = open_store(state)
     policy = PlanPolicy()
     async with ApiClient(url, signer) as client:
-        executor = Executor(store, client, policy, concurrency=CONCURRENCY)
+        executor = Executor(store, LegacyBackend(client), policy, concurrency=CONCURRENCY)
         started = time.perf_counter()
         result = await Reconciler(FolderSource(root), store, policy).run_pass(executor)
         elapsed = time.perf_counter() - started

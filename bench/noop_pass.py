@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from bench.common import scratch, table
+from reconciler.app.wiring import open_store
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
@@ -64,7 +65,7 @@ def measure(count: int, profile: bool) -> list[object]:
     directory = scratch()
     root = directory / "manifests"
     root.mkdir()
-    with Store(directory / "state.db") as store:
+    with open_store(directory / "state.db") as store:
         populate(root, store, count)
         reconciler = Reconciler(FolderSource(root), store, PlanPolicy())
         cold = timed_pass(reconciler)  # parses every file once

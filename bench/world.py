@@ -9,12 +9,12 @@ import time
 import uuid
 from pathlib import Path
 
+from reconciler.app.wiring import open_store
+from reconciler.backends.legacy_jobs import job_annotations
 from reconciler.backends.signing import Signer
 from reconciler.devnet.jobs import apply_transforms
 from reconciler.domain.manifest import load_file
 from reconciler.domain.records import Phase, Record
-from reconciler.engine.executor import job_annotations
-from reconciler.store.sqlite import Store
 from tests.reliability.common import manifest
 
 
@@ -36,7 +36,7 @@ def build(directory: Path, count: int, signer: Signer) -> tuple[Path, Path, Path
                                  "spec": apply_transforms(spec), "created": now,
                                  "state": "New", "execution": "BidAccepted", "started": now,
                                  "ended": None, "comment": "", "version": 1}))
-    with Store(state) as store:
+    with open_store(state) as store:
         store.commit_intents(records)
     journal.write_text("\n".join(lines) + "\n")
     return root, state, journal

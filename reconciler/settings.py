@@ -3,6 +3,9 @@
 The config file is TOML (``/etc/reconciler/config.toml``, or ``--config``); each key is a field
 name below. Every field can also be set as ``RECONCILER_<FIELD>`` in the environment, and most
 as a command-line flag. ``systemd/config.toml`` is a commented example of every setting.
+
+Values only: turning them into a source, a store, a backend or a plan policy is
+:mod:`reconciler.app.wiring`'s job, so this module imports nothing of the reconciler's.
 """
 
 from __future__ import annotations
@@ -15,11 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from reconciler.domain.plan import PlanPolicy
 from reconciler.events import truncate
-from reconciler.ports import Source
-from reconciler.sources.folder import FolderSource
-from reconciler.store.sqlite import default_path
 
 DEFAULT_CONFIG = Path("/etc/reconciler/config.toml")
 CLI_KEY = Path("~/.bacalhau/user_id.pem")
@@ -125,31 +124,6 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: object) -> object:
         return parse_duration(value)
-
-    def plan_policy(self, *, allow_mass_cancel: bool = False,
-                    honour_backoff: bool = True) -> PlanPolicy:
-        return PlanPolicy(
-            allow_empty=self.allow_empty,
-            mass_cancel_ratio=self.mass_cancel_ratio,
-            mass_cancel_min=self.mass_cancel_min,
-            mass_cancel_window=self.mass_cancel_window,
-            allow_mass_cancel=allow_mass_cancel,
-            backoff_base=self.backoff_base,
-            backoff_max=self.backoff_max,
-            honour_backoff=honour_backoff,
-        )
-
-    def state_path(self) -> Path:
-        return self.state or default_path()
-
-    def source(self) -> Source:
-        """The folder, or (with ``git_url``) the git snapshots kept beside the state."""
-        if self.git_url:
-            from reconciler.sources.git import GitSource
-
-            workdir = self.state_path().parent / "git"
-            return GitSource(self.git_url, self.git_ref, self.git_path, workdir)
-        return FolderSource(self.manifests)
 
     def key_path(self) -> Path:
         """The first that exists of: --key, the systemd credential, the Bacalhau CLI key."""

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.backends.legacy import ApiClient, RetryPolicy
+from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import Signer
 from reconciler.devnet import DevConfig, DevRequesterThread
 from reconciler.domain.plan import Action, PlanPolicy
@@ -45,7 +46,8 @@ def write_folder(root: Path, state: dict[str, str]) -> None:
 async def one_pass(root: Path, store: Store, url: str, signer: Signer) -> None:
     policy = PlanPolicy(mass_cancel_min=100)
     async with ApiClient(url, signer, retry=RetryPolicy(3, 0.01, 0.01)) as client:
-        executor = Executor(store, client, policy, confirmations=1, resolve_delay=0)
+        executor = Executor(store, LegacyBackend(client), policy, confirmations=1,
+                            resolve_delay=0)
         result = await Reconciler(FolderSource(root), store, policy).run_pass(executor)
         assert not result.report.failed, result.report.errors
 

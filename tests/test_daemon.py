@@ -402,33 +402,33 @@ def test_run_dev_quick_start(tmp_path: Path) -> None:
 
 
 def test_polling_stays_within_its_cpu_budget(tmp_path: Path, rsa_key: Path) -> None:
+    from reconciler.app.wiring import open_store
     from reconciler.backends.signing import load_signer
     from reconciler.service.daemon import Daemon
     from reconciler.settings import load_settings
-    from reconciler.store.sqlite import Store
 
     settings = load_settings(None, manifests=tmp_path, poll_interval=10.0, poll_budget=0.005)
-    with Store(tmp_path / "s.db") as store:
+    with open_store(tmp_path / "s.db") as store:
         daemon = Daemon(settings, load_signer(rsa_key), store)
-        assert daemon._poll_delay() == 10.0  # a cheap poll keeps the interval
-        daemon._poll_cost = 0.2  # a list of 10,000 jobs
-        assert daemon._poll_delay() == pytest.approx(40.0)
-        daemon._poll_cost, daemon._observe_failures = 0.0, 3  # requester unreachable
-        assert daemon._poll_delay() == 80.0
+        assert daemon._poll.delay() == 10.0  # a cheap poll keeps the interval
+        daemon._poll.cost = 0.2  # a list of 10,000 jobs
+        assert daemon._poll.delay() == pytest.approx(40.0)
+        daemon._poll.cost, daemon._poll.failures = 0.0, 3  # requester unreachable
+        assert daemon._poll.delay() == 80.0
 
 
 def test_a_removal_must_outlast_the_settle_period(tmp_path: Path) -> None:
     """Deterministic form of the race CI found: the read that sees a file missing may come
     before the daemon hears of the unlink; the removal only counts once it has lasted."""
+    from reconciler.app.wiring import open_store
     from reconciler.domain.plan import Action, PlanPolicy
     from reconciler.domain.records import Phase, Record
     from reconciler.engine.reconcile import Reconciler
     from reconciler.sources.folder import FolderSource
-    from reconciler.store.sqlite import Store
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.yaml").write_text(envelope("keep"))
-    with Store(tmp_path / "s.db") as store:
+    with open_store(tmp_path / "s.db") as store:
         store.commit_intents([Record("a", Phase.ACTIVE, "h" * 64, "a.yaml", job_id="j")])
         reconciler = Reconciler(FolderSource(tmp_path / "m"), store, PlanPolicy())
         reconciler.removal_grace = 0.2

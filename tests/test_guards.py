@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.backends.legacy import JobInfo
+from reconciler.backends.legacy import WireJob
+from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import KeyFileError, check_key_permissions, load_signer
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import Action, PlanPolicy, plan
@@ -67,7 +68,7 @@ class FakeRequester:
         return "Cancelled"
 
     async def list_jobs(self, *, include_tags: Sequence[str] = (),
-                        job_id: str | None = None) -> list[JobInfo]:
+                        job_id: str | None = None) -> list[WireJob]:
         return []
 
     async def state(self, job_id: str) -> str:
@@ -177,7 +178,7 @@ def test_deleting_one_at_a_time_meets_the_mass_cancel_guard_across_a_restart(
 
     def run(store: Store, the_policy: PlanPolicy = policy) -> Any:
         reconciler = Reconciler(FolderSource(root), store, the_policy, clock=clock)
-        executor = Executor(store, requester, the_policy, clock=clock)
+        executor = Executor(store, LegacyBackend(requester), the_policy, clock=clock)
         return asyncio.run(reconciler.run_pass(executor))
 
     with Store(tmp_path / "s.db") as store:

@@ -34,13 +34,14 @@ from reconciler import events
 from reconciler.app.cli import main
 from reconciler.backends.legacy import (
     ApiClient,
-    JobInfo,
     MalformedReply,
     OutcomeUnknown,
     RequesterError,
     RetryPolicy,
     ServerError,
+    WireJob,
 )
+from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
@@ -233,7 +234,7 @@ def test_poll_of_a_malformed_list_is_a_requester_error(tmp_path: Path, signer: S
 
         async def poll() -> None:
             async with client_replying(signer, body) as client:
-                await observe(store, client, PlanPolicy())
+                await observe(store, LegacyBackend(client), PlanPolicy())
 
         with pytest.raises(MalformedReply):
             asyncio.run(poll())
@@ -243,7 +244,7 @@ def test_well_formed_replies_still_parse(signer: Signer) -> None:
     job = {"Job": {"Metadata": {"ID": "j1", "ClientID": "c", "CreatedAt": "t"},
                    "Spec": {"Annotations": ["reconciler-uid:u"]}}, "State": {"State": "New"}}
 
-    async def calls() -> tuple[list[JobInfo], list[JobInfo], str]:
+    async def calls() -> tuple[list[WireJob], list[WireJob], str]:
         async with client_replying(signer, json.dumps({"jobs": [job]}).encode()) as client:
             listed = await client.list_jobs()
         async with client_replying(signer, b'{"jobs": null}') as client:

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from reconciler.backends.legacy import ApiClient
+from reconciler.backends.legacy_jobs import job_annotations
 from reconciler.backends.signing import load_signer
 from reconciler.domain.manifest import load_file
 from reconciler.domain.records import Phase, Record
-from reconciler.engine.executor import job_annotations
 from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 from tests.harness import Harness, envelope

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from reconciler.backends.legacy import JobInfo, NotFound, OutcomeUnknown
+from reconciler.backends.legacy import NotFound, OutcomeUnknown, WireJob
 from reconciler.backends.legacy import Unreachable as RequesterUnreachable
+from reconciler.backends.legacy_jobs import NAME_TAG, UID_TAG, LegacyBackend
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
-from reconciler.engine.executor import NAME_TAG, UID_TAG, ApplyReport, Executor
+from reconciler.engine.executor import ApplyReport, Executor
 from reconciler.engine.reconcile import Reconciler
 from reconciler.sources.folder import FolderSource
 from reconciler.store.sqlite import Store, StoreCorrupt, StoreError
@@ -37,8 +38,8 @@ class FakeJob:
     created: int
     state: str = "New"
 
-    def info(self) -> JobInfo:
-        return JobInfo(self.job_id, self.state, "me", self.annotations, f"{self.created:012d}")
+    def info(self) -> WireJob:
+        return WireJob(self.job_id, self.state, "me", self.annotations, f"{self.created:012d}")
 
 
 class FakeRequester:
@@ -86,7 +87,7 @@ class FakeRequester:
 
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-    ) -> list[JobInfo]:
+    ) -> list[WireJob]:
         self.lists += 1
         wanted = set(include_tags)
         return [j.info() for j in self.jobs.values()
@@ -137,7 +138,8 @@ def test_store_failure_mid_apply_waits_for_every_request_and_never_resubmits(
 
     async def scenario() -> tuple[int, BaseException | None, list[MutableMapping[str, Any]]]:
         with FailingStore(tmp_path / "s.db", fail_at=3) as store, capture_logs() as events:
-            executor = Executor(store, requester, POLICY, confirmations=1, resolve_delay=0)
+            executor = Executor(store, LegacyBackend(requester),
+                                POLICY, confirmations=1, resolve_delay=0)
             error: BaseException | None = None
             try:
                 await one_pass(tmp_path / "m", store, executor)
@@ -167,7 +169,7 @@ def test_a_failure_among_more_than_256_actions_is_raised_not_dropped(tmp_path: P
     async def scenario() -> BaseException | None:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
         with FailingStore(tmp_path / "s.db", fail_at=5, fail_count=3) as store:
-            executor = Executor(store, requester, POLICY, concurrency=16)
+            executor = Executor(store, LegacyBackend(requester), POLICY, concurrency=16)
             try:
                 await one_pass(tmp_path / "m", store, executor)
             except StoreError as exc:
@@ -199,10 +201,10 @@ def test_lost_store_adopts_live_jobs_by_name_and_submits_nothing(tmp_path: Path)
 
     async def scenario() -> tuple[ApplyReport, ApplyReport, list[MutableMapping[str, Any]]]:
         with Store(tmp_path / "s.db") as store:
-            await one_pass(tmp_path / "m", store, Executor(store, requester, POLICY))
+            await one_pass(tmp_path / "m", store, Executor(store, LegacyBackend(requester), POLICY))
         lose_store_and_change_a_manifest(tmp_path)
         with Store(tmp_path / "s.db") as store, capture_logs() as events:
-            executor = Executor(store, requester, POLICY)
+            executor = Executor(store, LegacyBackend(requester), POLICY)
             first = await one_pass(tmp_path / "m", store, executor)
             second = await one_pass(tmp_path / "m", store, executor)  # the changed one
         return first, second, events
@@ -227,11 +229,11 @@ def test_a_name_held_when_the_lost_store_is_found_is_looked_up_when_submitted(
 
     async def scenario() -> list[ApplyReport]:
         with Store(tmp_path / "s.db") as store:
-            await one_pass(tmp_path / "m", store, Executor(store, requester, POLICY))
+            await one_pass(tmp_path / "m", store, Executor(store, LegacyBackend(requester), POLICY))
         lose_store(tmp_path)
         broken.write_text(text.replace("engine: docker", "engine: 7"))
         with Store(tmp_path / "s.db") as store:
-            executor = Executor(store, requester, POLICY)
+            executor = Executor(store, LegacyBackend(requester), POLICY)
             reports = [await one_pass(tmp_path / "m", store, executor)]
             broken.write_text(text)
             reports.append(await one_pass(tmp_path / "m", store, executor))
@@ -256,7 +258,8 @@ def test_duplicates_by_name_are_cancelled_and_the_recorded_job_kept(tmp_path: Pa
 
     async def scenario() -> tuple[Record, list[MutableMapping[str, Any]]]:
         with Store(tmp_path / "s.db") as store, capture_logs() as events:
-            executor = Executor(store, requester, POLICY, confirmations=2, resolve_delay=0)
+            executor = Executor(store, LegacyBackend(requester),
+                                POLICY, confirmations=2, resolve_delay=0)
             await one_pass(tmp_path / "m", store, executor)
             assert requester.live_per_name()["job-001"] == 1
             await asyncio.sleep(0.4)  # the lost submit lands now
@@ -280,11 +283,11 @@ def test_duplicates_left_by_an_earlier_run_are_cancelled_at_start(tmp_path: Path
 
     async def scenario() -> None:
         with Store(tmp_path / "s.db") as store:
-            await one_pass(tmp_path / "m", store, Executor(store, requester, POLICY))
+            await one_pass(tmp_path / "m", store, Executor(store, LegacyBackend(requester), POLICY))
             [job] = [j for j in requester.jobs.values() if NAME_TAG + "job-000" in j.annotations]
             requester._store((*job.annotations[:2], NAME_TAG + "job-000"))
             assert requester.live_per_name()["job-000"] == 2
-            await one_pass(tmp_path / "m", store, Executor(store, requester, POLICY))
+            await one_pass(tmp_path / "m", store, Executor(store, LegacyBackend(requester), POLICY))
 
     asyncio.run(scenario())
     assert requester.live_per_name() == Counter({"job-000": 1, "job-001": 1})
@@ -301,7 +304,8 @@ def test_in_doubt_intents_are_resolved_concurrently(tmp_path: Path) -> None:
                 Record(n, Phase.SUBMITTING, load_file(f"{n}.yaml", texts[n]).manifests[0]
                        .spec_hash, f"{n}.yaml", uid=f"{i:032x}", attempts=1)
                 for i, n in enumerate(names)])
-            executor = Executor(store, requester, POLICY, concurrency=8, resolve_delay=0)
+            executor = Executor(store, LegacyBackend(requester),
+                                POLICY, concurrency=8, resolve_delay=0)
             started = time.perf_counter()
             report = await one_pass(tmp_path / "m", store, executor)
             assert report.counts == Counter({"resolve.resubmitted": 60, "submit.ok": 60})
@@ -339,7 +343,7 @@ def test_a_failed_name_lookup_submits_nothing_new(tmp_path: Path) -> None:
     class Unreachable(FakeRequester):
         async def list_jobs(
             self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-        ) -> list[JobInfo]:
+        ) -> list[WireJob]:
             if self.lists == 0:
                 self.lists += 1
                 raise RequesterUnreachable("list: cannot connect (test)")
@@ -349,7 +353,7 @@ def test_a_failed_name_lookup_submits_nothing_new(tmp_path: Path) -> None:
 
     async def scenario() -> tuple[ApplyReport, ApplyReport]:
         with Store(tmp_path / "s.db") as store:
-            executor = Executor(store, requester, POLICY)
+            executor = Executor(store, LegacyBackend(requester), POLICY)
             return (await one_pass(tmp_path / "m", store, executor),
                     await one_pass(tmp_path / "m", store, executor))
 
@@ -367,7 +371,7 @@ def test_a_cancelled_apply_cuts_its_requests_and_leaves_none_running(tmp_path: P
 
     async def scenario() -> float:
         with Store(tmp_path / "s.db") as store:
-            executor = Executor(store, requester, POLICY)
+            executor = Executor(store, LegacyBackend(requester), POLICY)
             task = asyncio.create_task(one_pass(tmp_path / "m", store, executor))
             await asyncio.sleep(0.5)  # the first 8 submits are in flight by now
             assert requester.in_flight == 8

@@ -7,12 +7,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from reconciler.backends.legacy import ApiClient, JobInfo
+from reconciler.backends.legacy import ApiClient, WireJob
+from reconciler.backends.legacy_jobs import UID_TAG, LegacyBackend
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
 from reconciler.domain.spec import parse_spec, to_wire
-from reconciler.engine.executor import UID_TAG
 from reconciler.engine.observe import observe
 from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
@@ -27,7 +27,7 @@ class CountingClient(ApiClient):
 
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-    ) -> list[JobInfo]:
+    ) -> list[WireJob]:
         jobs = await super().list_jobs(include_tags=include_tags, job_id=job_id)
         self.listed.update(job.job_id for job in jobs)
         return jobs
@@ -57,7 +57,7 @@ def test_a_poll_fetches_only_the_active_jobs(
                     for i, job_id in enumerate(active)
                 ])
                 await client.cancel(active[0], "by hand, outside the daemon")
-                counts = await observe(store, client, PlanPolicy())
+                counts = await observe(store, LegacyBackend(client), PlanPolicy())
                 phases = [r.phase.value for r in sorted(store.records(), key=lambda r: r.name)]
             return client.listed, counts, phases
 

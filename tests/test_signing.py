@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends.signing import (
-    EnvelopeError,
-    KeyFileError,
-    load_signer,
-    raw_members,
-    signed_body,
-    verify_envelope,
-    write_new_key,
-)
+from reconciler.backends.signing import KeyFileError, load_signer, signed_body, write_new_key
+from reconciler.devnet.envelope import EnvelopeError, raw_members, verify_envelope
 
 VECTORS = sorted((Path(__file__).parents[2] / "shared/bacalhau/vectors").glob("*.json"))
 if not VECTORS:  # CI lays shared/ beside the clone; a checkout elsewhere may have it one up.

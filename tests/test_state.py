@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.app.wiring import open_store
 from reconciler.domain.records import Phase, Record
 from reconciler.store.sqlite import SCHEMA_VERSION, Store, StoreLocked, StoreTooNew
 
@@ -22,7 +23,7 @@ def record(name: str, phase: Phase = Phase.ACTIVE) -> Record:
 
 def test_round_trip_and_wal(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    with Store(path) as store:
+    with open_store(path) as store:
         store.commit_intents([record("a", Phase.SUBMITTING), record("b")])
         store.save([record("a")])
         store.forget(["b"])
@@ -35,21 +36,21 @@ def test_round_trip_and_wal(tmp_path: Path) -> None:
 
 def test_newer_store_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    Store(path).close()
+    open_store(path).close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version=99")
     db.close()
     with pytest.raises(StoreTooNew, match="newer reconciler"):
-        Store(path)
+        open_store(path)
     with pytest.raises(StoreTooNew):
         Store(path, writer=False)
 
 
 def test_second_writer_is_refused(tmp_path: Path, rsa_key: Path) -> None:
     path = tmp_path / "state.db"
-    with Store(path):
+    with open_store(path):
         with pytest.raises(StoreLocked, match="in use by another reconciler"):
-            Store(path)
+            open_store(path)
         (tmp_path / "m").mkdir()
         result = subprocess.run(
             [sys.executable, "-m", "reconciler", "apply", "--state", str(path), "--manifests",
@@ -58,11 +59,11 @@ def test_second_writer_is_refused(tmp_path: Path, rsa_key: Path) -> None:
         assert "in use by another reconciler process" in result.stderr
         with Store(path, writer=False) as reader:  # readers are never locked out
             assert reader.records() == []
-    Store(path).close()  # released with its holder
+    open_store(path).close()  # released with its holder
 
 
 def _commit_then_die(path: str) -> None:
-    store = Store(Path(path))
+    store = open_store(Path(path))
     store.commit_intents([record("survives", Phase.SUBMITTING)])
     store._db.execute("BEGIN IMMEDIATE")
     store._db.execute("DELETE FROM jobs")  # an uncommitted change, then a hard kill
@@ -76,7 +77,7 @@ def test_committed_intent_survives_sigkill(tmp_path: Path) -> None:
     child.start()
     child.join(30)
     assert child.exitcode == -signal.SIGKILL
-    with Store(path) as store:
+    with open_store(path) as store:
         assert [r.name for r in store.records()] == ["survives"]
         assert store.check() == "ok"
 
@@ -93,7 +94,7 @@ def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
     from reconciler.store.sqlite import StoreError
 
     with pytest.raises(StoreError, match="file"):
-        Store(blocker / "state.db")
+        open_store(blocker / "state.db")
 
 
 def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(Exception, match="needs a schema upgrade"):
         Store(path, writer=False)
-    with Store(path) as store:
+    with open_store(path) as store:
         assert [r.name for r in store.records()] == ["kept"]
         assert store.policies() == [] and store.approvals() == []
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -18,26 +18,20 @@ import click
 import structlog
 
 from reconciler import events
-from reconciler.backends.legacy import (
-    ApiClient,
-    NoExecutions,
-    NotAuthorized,
-    RequesterError,
-    RetryPolicy,
-    Unreachable,
-)
+from reconciler.app import wiring
+from reconciler.backends.errors import NoExecutions, NotAuthorized, RequesterError, Unreachable
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
 from reconciler.domain.specview import spec_view, view_changes
-from reconciler.engine.executor import ApplyReport, Executor
+from reconciler.engine.executor import ApplyReport
 from reconciler.engine.observe import observe
-from reconciler.engine.reconcile import PassResult, Reconciler
+from reconciler.engine.reconcile import PassResult
 from reconciler.events import iso_time, scrub_text
+from reconciler.ports import Fetching, StateStore
 from reconciler.settings import Settings, SettingsError, load_settings, parse_duration
-from reconciler.sources.folder import FolderSource
-from reconciler.sources.git import GitError, GitSource
-from reconciler.store.sqlite import Store, StoreError
+from reconciler.sources.errors import FetchError
+from reconciler.store.errors import StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -162,9 +156,9 @@ def signer_from(settings: Settings) -> Signer:
 
 
 @contextmanager
-def opened_store(settings: Settings, *, writer: bool) -> Iterator[Store]:
+def opened_store(settings: Settings, *, writer: bool) -> Iterator[StateStore]:
     try:
-        store = Store(settings.state_path(), writer=writer)
+        store = wiring.store(settings, writer=writer)
     except StoreError as exc:
         raise click.ClickException(scrub_text(str(exc))) from None
     try:
@@ -195,7 +189,7 @@ def validate(config: Path | None, directory: Path | None, **flags: Any) -> None:
     if directory is not None:
         flags["manifests"] = directory
     settings = settings_from(config, **flags)
-    desired = collect(FolderSource(settings.manifests).read())
+    desired = collect(wiring.folder(settings.manifests).read())
     if not desired.ready:
         click.echo(f"error: {scrub_text(desired.reason)}", err=True)
         sys.exit(EXIT_ERROR)
@@ -219,16 +213,17 @@ def _preview(settings: Settings, allow_mass_cancel: bool = False
              ) -> tuple[Desired, Plan, Changes]:
     """The offline plan, as a one-shot ``apply`` would make it (it tries failed actions now,
     without the daemon's backoff)."""
-    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel, honour_backoff=False)
+    policy = wiring.plan_policy(settings, allow_mass_cancel=allow_mass_cancel,
+                                honour_backoff=False)
     with opened_store(settings, writer=False) as store:
-        desired, the_plan = Reconciler(settings.source(), store, policy).plan(policy)
+        desired, the_plan = wiring.reconciler(settings, store, policy).plan(policy)
         return desired, the_plan, replace_changes(store, the_plan)
 
 
 Changes = dict[str, list[str]]
 
 
-def replace_changes(store: Store, the_plan: Plan) -> Changes:
+def replace_changes(store: StateStore, the_plan: Plan) -> Changes:
     """A replace's changed fields (``docker.image: a → b``), from the view the store kept of
     the running spec; secret values are never part of a view (domain/specview.py)."""
     changes: Changes = {}
@@ -353,26 +348,25 @@ class ApplyOutcome:
 
 
 async def apply_until_settled(
-    settings: Settings, signer: Signer, store: Store, allow_mass_cancel: bool, rounds: int = 5
+    settings: Settings, signer: Signer, store: StateStore, allow_mass_cancel: bool,
+    rounds: int = 5,
 ) -> ApplyOutcome:
     """Passes until a plan has no changes (a replace or resolve can take two passes)."""
-    policy = settings.plan_policy(allow_mass_cancel=allow_mass_cancel, honour_backoff=False)
-    source = settings.source()
-    if isinstance(source, GitSource):
+    policy = wiring.plan_policy(settings, allow_mass_cancel=allow_mass_cancel,
+                                honour_backoff=False)
+    source = wiring.source(settings)
+    if isinstance(source, Fetching):
         try:
             await asyncio.to_thread(source.fetch)
-        except GitError as exc:  # the pass below then reports the source not ready
+        except FetchError as exc:  # the pass below then reports the source not ready
             structlog.get_logger("reconciler").error("git.fetch_failed", error=str(exc))
-    reconciler = Reconciler(source, store, policy)
-    async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
-                         timeout=settings.request_timeout) as client:
-        executor = Executor(store, client, policy, concurrency=settings.concurrency,
-                            confirmations=settings.resolve_confirmations,
-                            resolve_delay=settings.resolve_delay)
+    reconciler = wiring.reconciler(settings, store, policy, source)
+    async with wiring.backend(settings, signer) as backend:
+        executor = wiring.executor(settings, store, backend, policy)
         if sys.stderr.isatty():
             executor.on_progress = _progress_line
         try:
-            await observe(store, client, policy)
+            await observe(store, backend, policy)
         except RequesterError as exc:  # planning goes on; effects meet the same error
             structlog.get_logger("reconciler").warning("observe.failed", error=str(exc))
         desired, preview = reconciler.plan()
@@ -415,16 +409,16 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
 
     Exit 1 when there is no state database yet."""
     settings = settings_from(config, **flags)
-    if not settings.state_path().exists():
+    if not wiring.state_path(settings).exists():
         raise click.ClickException(
-            f"no state yet: {settings.state_path()} does not exist (nothing has been "
+            f"no state yet: {wiring.state_path(settings)} does not exist (nothing has been "
             "reconciled with this --state; run `reconciler run` or `reconciler apply`)")
     if approvals:
         _print_approvals(settings, as_json)
         return
     refreshed = time.time()
     with opened_store(settings, writer=False) as store:
-        reconciler = Reconciler(settings.source(), store, settings.plan_policy())
+        reconciler = wiring.reconciler(settings, store)
         desired, the_plan = reconciler.plan()
         records = store.records()
     overall = PassResult(desired, the_plan).overall
@@ -480,8 +474,6 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
               "key and state, and reconcile against it.")
 def run(config: Path | None, dev: bool, **flags: Any) -> None:
     """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
-    from reconciler.service.daemon import Daemon
-
     settings = settings_from(config, **flags)
     dev_overrides: dict[str, Any] = {}
     requester = None
@@ -491,9 +483,10 @@ def run(config: Path | None, dev: bool, **flags: Any) -> None:
     signer = signer_from(settings)
     try:
         with opened_store(settings, writer=True) as store:
-            daemon = Daemon(settings, signer, store,
-                            reload=lambda: load_settings(config, **flags) if not dev_overrides
-                            else load_settings(config, **flags).model_copy(update=dev_overrides))
+            daemon = wiring.daemon(
+                settings, signer, store,
+                reload=lambda: load_settings(config, **flags) if not dev_overrides
+                else load_settings(config, **flags).model_copy(update=dev_overrides))
             code = asyncio.run(daemon.run())
     finally:
         if requester is not None:
@@ -567,8 +560,7 @@ def _approve_url(settings: Settings, job_id: str, node: str | None) -> str:
 
 async def _send_approval(settings: Settings, signer: Signer, url: str, job_id: str,
                          should_bid: bool, reason: str) -> None:
-    async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
-                         retry=RetryPolicy(attempts=3)) as client:
+    async with wiring.approver(settings, signer) as client:
         try:
             await client.approve_at(url, job_id, should_bid=should_bid, reason=reason)
         except NotAuthorized:
@@ -590,7 +582,7 @@ def _record_decision(settings: Settings, job_id: str, verdict: str, reason: str)
     """Mark the recorded request decided; a running daemon holds the store's daemon lock, so
     write without it (SQLite serializes the writers)."""
     try:
-        store = Store(settings.state_path(), writer=True, exclusive=False)
+        store = wiring.store(settings, writer=True, exclusive=False)
     except StoreError:
         return
     with store:

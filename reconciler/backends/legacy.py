@@ -35,18 +35,32 @@ import json
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
+from reconciler.backends.errors import (
+    AlreadyTerminal,
+    InvalidRequest,
+    MalformedReply,
+    NoExecutions,
+    NotAuthorized,
+    NotFound,
+    OutcomeUnknown,
+    PermanentError,
+    RateLimited,
+    RequesterError,
+    ServerError,
+    TransientError,
+    Unreachable,
+)
 from reconciler.backends.signing import Signer, signed_body
-from reconciler.events import clean, scrub_text
+from reconciler.events import scrub_text
 
 __all__ = [
     "AlreadyTerminal",
     "ApiClient",
     "InvalidRequest",
-    "JobInfo",
     "MalformedReply",
     "NoExecutions",
     "NotAuthorized",
@@ -59,72 +73,8 @@ __all__ = [
     "ServerError",
     "TransientError",
     "Unreachable",
+    "WireJob",
 ]
-
-class RequesterError(Exception):
-    """Base of every error raised by this module."""
-
-    def __init__(
-        self, message: str, *, status: int | None = None, job_id: str | None = None
-    ) -> None:
-        # Bounded and scrubbed here, once: messages carry requester and node text, and they
-        # reach events, the store (last_error) and `status` (docs/reliability.md, "Hostile input").
-        super().__init__(clean(message))
-        self.status = status
-        #: X-Bacalhau-Job-ID of the reply, when the server sent one.
-        self.job_id = job_id
-
-
-class PermanentError(RequesterError):
-    pass
-
-
-class InvalidRequest(PermanentError):
-    pass
-
-
-class NotAuthorized(PermanentError):
-    pass
-
-
-class NotFound(PermanentError):
-    pass
-
-
-class AlreadyTerminal(PermanentError):
-    pass
-
-
-class NoExecutions(PermanentError):
-    pass
-
-
-class MalformedReply(RequesterError):
-    """A reply that is not what the contract says (``{"jobs": [1, 2]}``, non-JSON, a number
-    where an object goes, a job without an id). Not retried: the same server would send the
-    same; the caller treats it like any other requester failure (observe backs off, a pass
-    fails and is retried)."""
-
-
-class TransientError(RequesterError):
-    pass
-
-
-class RateLimited(TransientError):
-    pass
-
-
-class ServerError(TransientError):
-    pass
-
-
-class Unreachable(TransientError):
-    pass
-
-
-class OutcomeUnknown(RequesterError):
-    """A submit may or may not have created a job."""
-
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -139,8 +89,9 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class JobInfo:
-    """One job as the requester lists it."""
+class WireJob:
+    """One job as the requester lists it (the legacy wire's view; the engine sees
+    :class:`reconciler.ports.JobInfo`)."""
 
     job_id: str
     state: str
@@ -149,7 +100,7 @@ class JobInfo:
     created_at: str = ""  # only what the reconciler needs: a list of 10,000 jobs is 45 MB
 
     @classmethod
-    def from_wire(cls, item: Any) -> JobInfo:
+    def from_wire(cls, item: Any) -> WireJob:
         """One item of a list reply; :class:`MalformedReply` unless it has the contract's
         shape (CONTRACT 1.3). Absent optional parts take their zero values, as Go sends them."""
         job = _object(item, "Job", required=True)
@@ -197,19 +148,6 @@ def _job_state(reply: _Reply, operation: str) -> str:
     if not isinstance(reply.body, Mapping):
         raise MalformedReply(f"{operation}: the reply is not a JSON object")
     return _text(_object(reply.body, "state", required=True), "State") or "Undefined"
-
-
-class Requester(Protocol):
-    """What the executor needs from a backend; a newer orchestrator API can implement it too."""
-
-    @property
-    def client_id(self) -> str: ...
-    async def submit(self, spec: Mapping[str, Any]) -> str: ...
-    async def cancel(self, job_id: str, reason: str) -> str: ...
-    async def list_jobs(
-        self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-    ) -> list[JobInfo]: ...
-    async def state(self, job_id: str) -> str: ...
 
 
 @dataclass
@@ -327,7 +265,7 @@ class ApiClient:
 
     async def list_jobs(
         self, *, include_tags: Sequence[str] = (), job_id: str | None = None
-    ) -> list[JobInfo]:
+    ) -> list[WireJob]:
         """Our jobs (by client id), optionally only those carrying any of ``include_tags``."""
         request: dict[str, Any] = {
             "client_id": self.client_id,
@@ -349,7 +287,7 @@ class ApiClient:
             return []
         if not isinstance(jobs, list):
             raise MalformedReply(f"list: 'jobs' is {type(jobs).__name__}, not a list")
-        return [JobInfo.from_wire(item) for item in jobs]
+        return [WireJob.from_wire(item) for item in jobs]
 
     async def state(self, job_id: str) -> str:
         body = json.dumps({"client_id": self.client_id, "job_id": job_id}).encode()

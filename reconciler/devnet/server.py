@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import structlog
 
-from reconciler.backends.signing import EnvelopeError, verify_envelope
 from reconciler.devnet import checks
+from reconciler.devnet.envelope import EnvelopeError, verify_envelope
 from reconciler.devnet.jobs import Job, JobStore
 
 if TYPE_CHECKING:

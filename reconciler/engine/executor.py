@@ -1,14 +1,15 @@
-"""The executor: carries a :class:`~reconciler.domain.plan.Plan` out through a requester, durably.
+"""The executor: carries a :class:`~reconciler.domain.plan.Plan` out through a backend, durably.
 
 Order of every remote effect (ops.md 4.2, anchors section 2):
 
 1. commit an intent (a record in phase ``submitting`` with a fresh uid, or ``cancelling``);
    the intents of up to ``INTENT_BATCH`` actions share one durable commit;
-2. send the request (a submit carries the uid as the annotation ``reconciler-uid:<uid>``);
+2. send the request (the backend tags the job with the uid; the legacy API as the annotation
+   ``reconciler-uid:<uid>``);
 3. save the outcome (job id and state).
 
-A submit whose outcome is unknown (lost reply, 5xx) is resolved by listing its uid; an empty
-list is not proof of absence, so the lookup is repeated ``confirmations`` times before the
+A submit whose outcome is unknown (lost reply, 5xx) is resolved by finding its uid; an empty
+answer is not proof of absence, so the lookup is repeated ``confirmations`` times before the
 manifest is submitted again, under a fresh uid: a uid is never sent twice, so a late arrival of
 the first request is a detectable duplicate (a second live job for the name), not a second job
 with the same uid. A replace cancels, then submits, each step durable.
@@ -16,7 +17,7 @@ with the same uid. A replace cancels, then submits, each step durable.
 ``apply`` never returns or raises while a request it started is still in flight: a failed
 action (a store error while saving an outcome) stops new actions from starting, every started
 one runs to its end (requests have timeouts), each failure is logged, and the first is raised
-after that. A name with no record is looked up by its name annotation before it is submitted
+after that. A name with no record is looked up by its name before it is submitted
 (a lost or rolled-back store), and live duplicates are looked for by name at the first apply
 and, for a while, for every name whose submit was in doubt (docs/design.md, "No duplicate
 jobs").
@@ -37,85 +38,38 @@ from typing import Any
 
 import structlog
 
-from reconciler.backends.legacy import (
-    AlreadyTerminal,
-    JobInfo,
-    NotFound,
-    OutcomeUnknown,
-    Requester,
-    RequesterError,
-)
+from reconciler.backends.errors import AlreadyTerminal, NotFound, OutcomeUnknown, RequesterError
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy
 from reconciler.domain.records import Phase, Record
 from reconciler.events import iso_time
-from reconciler.store.sqlite import Store, StoreError
+from reconciler.ports import Backend, JobInfo, JobPhase, StateStore
+from reconciler.store.errors import StoreError
 
 INTENT_BATCH = 256
-UID_TAG = "reconciler-uid:"
-NAME_TAG = "reconciler-manifest:"
-SPEC_TAG = "reconciler-spec:"
 #: How long a name whose submit was in doubt is swept for duplicates: a request the requester
 #: took in before our timeout can still be stored after it (docs/design.md).
 SUSPECT_WINDOW = 600.0
-#: Names per list request when looking jobs up by name (like uids per poll request).
+#: Names per lookup when looking jobs up by name (like uids per poll request).
 NAME_BATCH = 500
 
 #: An intent in doubt, its manifest (None once removed), and what follows a confirmed absence.
 Pending = tuple[Record, Manifest | None, Action]
-JOB_PHASES = {"Completed": Phase.COMPLETED, "Error": Phase.FAILED, "Cancelled": Phase.CANCELLED}
+#: What a job's phase means for its record. UNKNOWN (a state the backend could not place) is
+#: kept live on purpose: the job exists and has not been seen to end, so it is polled again
+#: rather than resubmitted or forgotten.
+RECORD_PHASES = {
+    JobPhase.RUNNING: Phase.ACTIVE,
+    JobPhase.UNKNOWN: Phase.ACTIVE,
+    JobPhase.COMPLETED: Phase.COMPLETED,
+    JobPhase.FAILED: Phase.FAILED,
+    JobPhase.CANCELLED: Phase.CANCELLED,
+}
 
 
-def job_annotations(manifest: Manifest, uid: str) -> list[str]:
-    """Our annotations: lower-case, within the CLI's safe set ``[a-z0-9._~!:@,;+-]``."""
-    return [
-        "reconciler",
-        UID_TAG + uid,
-        NAME_TAG + manifest.name,
-        SPEC_TAG + manifest.spec_hash[:16],
-    ]
-
-
-async def jobs_by_uid(
-    requester: Requester, uids: Sequence[str], batch: int = 500
-) -> dict[str, list[JobInfo]]:
-    """Our jobs carrying any of these uids, by uid. Asked ``batch`` uids at a time, so a reply
-    holds only the jobs asked about, however many ended jobs the requester keeps."""
-    found: dict[str, list[JobInfo]] = {}
-    wanted = set(uids)
-    for start in range(0, len(uids), batch):
-        tags = [UID_TAG + uid for uid in uids[start : start + batch]]
-        for job in await requester.list_jobs(include_tags=tags):
-            for tag in job.annotations:
-                uid = tag.removeprefix(UID_TAG)
-                if tag.startswith(UID_TAG) and uid in wanted:
-                    found.setdefault(uid, []).append(job)
-    return found
-
-
-async def jobs_by_name(
-    requester: Requester, names: Sequence[str], batch: int = 500
-) -> dict[str, list[JobInfo]]:
-    """Our jobs carrying any of these names' annotation, by name; ``batch`` names a request
-    (the reply holds every job of those names the requester keeps, ended ones too)."""
-    found: dict[str, list[JobInfo]] = {}
-    wanted = set(names)
-    for start in range(0, len(names), batch):
-        tags = [NAME_TAG + name for name in names[start : start + batch]]
-        for job in await requester.list_jobs(include_tags=tags):
-            for tag in job.annotations:
-                name = tag.removeprefix(NAME_TAG)
-                if tag.startswith(NAME_TAG) and name in wanted:
-                    found.setdefault(name, []).append(job)
-    return found
-
-
-def _tag_value(job: JobInfo, prefix: str) -> str:
-    return next((t.removeprefix(prefix) for t in job.annotations if t.startswith(prefix)), "")
-
-
-def phase_of(state: str) -> Phase:
-    return JOB_PHASES.get(state, Phase.ACTIVE)
+def _live(job: JobInfo) -> bool:
+    """Running, or in a state the backend could not place (kept live, as above)."""
+    return RECORD_PHASES[job.phase] is Phase.ACTIVE
 
 
 @dataclass
@@ -147,8 +101,8 @@ class _Run:
 class Executor:
     def __init__(
         self,
-        store: Store,
-        requester: Requester,
+        store: StateStore,
+        backend: Backend,
         policy: PlanPolicy,
         *,
         concurrency: int = 8,
@@ -157,7 +111,7 @@ class Executor:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._requester = requester
+        self._backend = backend
         self._policy = policy
         self._semaphore = asyncio.Semaphore(concurrency)
         self._confirmations = max(1, confirmations)
@@ -323,11 +277,9 @@ class Executor:
         *, resolve_unknown: bool = True,
     ) -> None:
         assert intent.uid is not None
-        spec = manifest.wire()
-        spec["Annotations"] = [*spec.get("Annotations", []), *job_annotations(manifest, intent.uid)]
         fields = self._fields(intent, reason=reason)
         try:
-            job_id = await self._requester.submit(spec)
+            job = await self._backend.submit(manifest, intent.uid)
         except OutcomeUnknown as exc:
             self._suspect(intent.name)  # it may still be stored later: watch for a duplicate
             self._log.warning("job.submit_unknown", **fields, error=str(exc))
@@ -339,9 +291,9 @@ class Executor:
         except RequesterError as exc:
             self._failed(intent, "submit", exc, report)
             return
-        self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job_id, job_state="New",
-                                  last_error=None)])
-        self._log.info("job.submitted", **fields | {"job_id": job_id})
+        self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
+                                  job_state=job.state, last_error=None)])
+        self._log.info("job.submitted", **fields | {"job_id": job.job_id})
         report.count("submit.ok")
 
     async def _cancel(self, record: Record, reason: str, report: ApplyReport) -> bool:
@@ -350,7 +302,7 @@ class Executor:
         if record.job_id is None:
             return True
         try:
-            state = await self._requester.cancel(record.job_id, reason)
+            state = await self._backend.stop(record.job_id, reason)
         except (AlreadyTerminal, NotFound) as exc:
             self._log.info("job.cancel_skipped", **fields, detail=str(exc))
             report.count("cancel.skipped")
@@ -440,7 +392,7 @@ class Executor:
         # names' whole history (replaced and ended jobs), so only one batch is held at once.
         for start in range(0, len(names), NAME_BATCH):
             try:
-                found = await jobs_by_name(self._requester, names[start : start + NAME_BATCH])
+                found = await self._backend.find_by_name(names[start : start + NAME_BATCH])
             except RequesterError as exc:
                 # Not knowing whether a job exists, submit nothing new for these names now.
                 unknown = set(names[start:]) & set(unrecorded)
@@ -452,7 +404,7 @@ class Executor:
                                 "listed; names without a record wait for the next pass")
                 break
             for name, jobs in found.items():
-                live = [j for j in jobs if phase_of(j.state) is Phase.ACTIVE]
+                live = [j for j in jobs if _live(j)]
                 if not live:
                     continue
                 if name in unrecorded:
@@ -477,18 +429,18 @@ class Executor:
         manifest = decision.manifest
         assert manifest is not None
         keep, *extra = sorted(live, key=lambda j: (j.created_at, j.job_id), reverse=True)
-        tag = _tag_value(keep, SPEC_TAG)
+        tag = keep.spec_hash
         # A job of an older spec is recorded with its own (short) hash: the next pass
         # replaces it, as it would any live job whose manifest changed.
         spec_hash = manifest.spec_hash if tag and manifest.spec_hash.startswith(tag) else tag
-        adopted = Record(name=manifest.name, phase=phase_of(keep.state), spec_hash=spec_hash,
+        adopted = Record(name=manifest.name, phase=RECORD_PHASES[keep.phase], spec_hash=spec_hash,
                          path=manifest.path, job_id=keep.job_id,
-                         uid=_tag_value(keep, UID_TAG) or None, job_state=keep.state,
+                         uid=keep.uid or None, job_state=keep.state,
                          attempts=1, on_remove=manifest.policy.on_remove)
         self._store.save([adopted])
         self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,
-                       reason=f"no record; found by its name annotation {NAME_TAG}{manifest.name}"
-                              " (the store was lost or rolled back?)")
+                       reason="no record; found by its name (the store was lost or rolled "
+                              "back?)")
         report.count("submit.adopted")
         await self._cancel_duplicates(adopted, extra, "the newest job is kept", report)
 
@@ -496,7 +448,7 @@ class Executor:
         self, kept: Record, extra: Sequence[JobInfo], why: str, report: ApplyReport
     ) -> None:
         for duplicate in extra:  # ours by annotation, and one live job per name is enough
-            cancel = replace(kept, job_id=duplicate.job_id, uid=_tag_value(duplicate, UID_TAG))
+            cancel = replace(kept, job_id=duplicate.job_id, uid=duplicate.uid or None)
             reason = f"a second live job for {kept.name} ({why}: {kept.job_id})"
             if await self._cancel(cancel, reason, report):
                 self._log.warning("job.duplicate_cancelled", **self._fields(cancel),
@@ -526,7 +478,7 @@ class Executor:
             if attempt:
                 await asyncio.sleep(self._resolve_delay * attempt)
             try:
-                found = await jobs_by_uid(self._requester, list(waiting))
+                found = await self._backend.find(list(waiting))
             except RequesterError as exc:
                 for record, _, _ in waiting.values():
                     self._failed(record, "lookup", exc, report)
@@ -554,7 +506,7 @@ class Executor:
 
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
         keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
-        adopted = replace(record, phase=phase_of(keep.state), job_id=keep.job_id,
+        adopted = replace(record, phase=RECORD_PHASES[keep.phase], job_id=keep.job_id,
                           job_state=keep.state, last_error=None)
         self._store.save([adopted])
         self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,

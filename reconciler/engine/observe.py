@@ -1,11 +1,12 @@
 """Observing live jobs: record completions, failures, drift and loss in the store.
 
-Active jobs are listed by their uid annotations, 500 to a request, so a reply holds only the
-jobs asked about: one list of all our jobs grew with every replaced or ended job the requester
-keeps (10,000 manifests after 10,000 changes: 20,000 jobs, ~22 MB of JSON and a 60 MB RSS peak
-per poll). A job missing from the lists is asked about by id (``states``), because an empty or
-short list is not proof of absence (CONTRACT 1.3); only an explicit "not found" marks it
-``lost``. The planner then decides what follows (resubmit or not, by the manifest's policy).
+Active jobs are found by their uids (the legacy backend lists their annotations, 500 to a
+request, so a reply holds only the jobs asked about: one list of all our jobs grew with every
+replaced or ended job the requester keeps; 10,000 manifests after 10,000 changes: 20,000 jobs,
+~22 MB of JSON and a 60 MB RSS peak per poll). A job missing from the answer is asked about by
+id, because an empty or short answer is not proof of absence (CONTRACT 1.3); only an explicit
+"not found" marks it ``lost``. The planner then decides what follows (resubmit or not, by the
+manifest's policy).
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ from dataclasses import replace
 
 import structlog
 
-from reconciler.backends.legacy import JobInfo, NotFound, Requester, RequesterError
+from reconciler.backends.errors import RequesterError
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
-from reconciler.engine.executor import jobs_by_uid, phase_of
-from reconciler.store.sqlite import Store
+from reconciler.engine.executor import RECORD_PHASES
+from reconciler.ports import Backend, JobInfo, StateStore
 
 _EVENTS = {Phase.COMPLETED: "job.completed", Phase.FAILED: "job.failed",
            Phase.CANCELLED: "job.drift"}
 
 
 async def observe(
-    store: Store,
-    requester: Requester,
+    store: StateStore,
+    backend: Backend,
     policy: PlanPolicy,
     clock: Callable[[], float] = time.time,
 ) -> Counter[str]:
@@ -38,17 +39,22 @@ async def observe(
     active = [r for r in store.records() if r.phase is Phase.ACTIVE and r.job_id]
     if not active:
         return Counter()
-    found = await jobs_by_uid(requester, [r.uid for r in active if r.uid])
+    found = await backend.find([r.uid for r in active if r.uid])
     listed = {job.job_id: job for jobs in found.values() for job in jobs}
     updates: list[Record] = []
     counts: Counter[str] = Counter()
     for record in active:
         assert record.job_id is not None
         job = listed.get(record.job_id)
-        state = job.state if job else await _state_by_id(requester, record.job_id)
+        if job is None:
+            try:
+                job = await backend.status(record.job_id)
+            except RequesterError:
+                continue  # no answer: keep what we have, ask again next time
+        state = job.state if job else None
         if state == record.job_state:
             continue
-        updated = _updated(record, state, job, policy, clock())
+        updated = _updated(record, job, policy, clock())
         updates.append(updated)
         if updated.phase is not record.phase:
             event = _EVENTS.get(updated.phase, "job.lost")
@@ -60,23 +66,12 @@ async def observe(
     return counts
 
 
-async def _state_by_id(requester: Requester, job_id: str) -> str | None:
-    """The job's state, None when the requester says it does not know the job."""
-    try:
-        return await requester.state(job_id)
-    except NotFound:
-        return None
-    except RequesterError:
-        return "Unknown"  # no answer: keep what we have, ask again next time
-
-
-def _updated(record: Record, state: str | None, job: JobInfo | None, policy: PlanPolicy,
-             now: float) -> Record:
-    if state == "Unknown":
-        return record
-    phase = Phase.LOST if state is None else phase_of(state)
+def _updated(record: Record, job: JobInfo | None, policy: PlanPolicy, now: float) -> Record:
+    """``job`` None: the backend said it does not know the job."""
+    phase = Phase.LOST if job is None else RECORD_PHASES[job.phase]
     retry_at = now + policy.backoff(record.attempts) if phase in (Phase.FAILED, Phase.LOST) else 0
-    return replace(record, phase=phase, job_state=state, next_attempt_at=retry_at)
+    return replace(record, phase=phase, job_state=job.state if job else None,
+                   next_attempt_at=retry_at)
 
 
 def _reason(phase: Phase) -> str:

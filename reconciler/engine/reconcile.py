@@ -18,8 +18,7 @@ from reconciler.domain.records import Phase, Record, StoredPolicy
 from reconciler.domain.snapshot import Snapshot
 from reconciler.domain.specview import spec_view
 from reconciler.engine.executor import ApplyReport, Executor
-from reconciler.ports import Source
-from reconciler.store.sqlite import Store
+from reconciler.ports import Source, StateStore
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class Reconciler:
     def __init__(
         self,
         source: Source,
-        store: Store,
+        store: StateStore,
         policy: PlanPolicy,
         *,
         clock: Callable[[], float] = time.time,

@@ -36,22 +36,22 @@ from enum import Enum
 
 import structlog
 
-from reconciler.backends.legacy import ApiClient, RequesterError
+from reconciler.app import wiring
+from reconciler.backends.errors import RequesterError
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
 from reconciler.engine.observe import observe
-from reconciler.engine.reconcile import PassResult, Reconciler
-from reconciler.events import scrub_text
+from reconciler.engine.reconcile import PassResult
+from reconciler.ports import Backend, Fetching, Settling, StateStore
 from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
 from reconciler.service.probe import MAX_PROBE_BODY, ProbeService
+from reconciler.service.timers import Backoff, PollBudget, Settle
 from reconciler.settings import Settings, SettingsError
-from reconciler.sources.folder import FolderSource
-from reconciler.sources.git import GitError, GitSource
-from reconciler.sources.watch import Watcher
-from reconciler.store.sqlite import Store, StoreError
+from reconciler.sources.errors import FetchError
+from reconciler.store.errors import StoreError
 
 _RETRY_AFTER_FAILED_PASS = 2.0
 _SETTLE_AFTER_CHANGES = 1.0
@@ -69,7 +69,7 @@ class Daemon:
         self,
         settings: Settings,
         signer: Signer,
-        store: Store,
+        store: StateStore,
         *,
         reload: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
@@ -81,20 +81,20 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._metrics = standard_metrics()
         self._log = structlog.get_logger("reconciler")
-        self._source = settings.source()
-        self._git = self._source if isinstance(self._source, GitSource) else None
-        self._reconciler = Reconciler(self._source, store, self._policy())
+        self._source = wiring.source(settings)
+        # A source that fetches (git) is fetched on a timer; any other is watched for events.
+        self._git = self._source if isinstance(self._source, Fetching) else None
+        self._reconciler = wiring.reconciler(settings, store, self._policy(), self._source)
         self._apply_settle_settings()
-        self._fetch_failures = 0
+        self._fetches = Backoff(settings.git_interval, settings.git_interval * 10,
+                                first_at=float("inf"))  # armed by the loop, for git only
         self._fetch_requested = False
-        self._observe_failures = 0
-        self._poll_cost = 0.0  # CPU seconds the last poll took
+        self._poll = PollBudget(settings.poll_interval, settings.poll_budget)
         self._started = time.monotonic()
         self._last_alive = self._started  # a completed pass, or progress inside one
         self._last_result: PassResult | None = None
         self._last_pass_ok = False
-        #: path key -> (first, last) event time of changes not yet settled
-        self._pending: dict[str, tuple[float, float]] = {}
+        self._settle = Settle(settings.debounce, settings.max_delay)
         self._stopping = False
         self._reload_requested = False
         self._sync_requested = False
@@ -103,13 +103,13 @@ class Daemon:
         self._pass_task: asyncio.Task[PassResult] | None = None
 
     def _policy(self) -> PlanPolicy:
-        return self.settings.plan_policy()
+        return wiring.plan_policy(self.settings)
 
     def _apply_settle_settings(self) -> None:
         """A removal counts after ``removal_grace``; a file whose mtime is younger than
         ``debounce`` waits whatever triggered the pass (docs/design.md, Departures)."""
         self._reconciler.removal_grace = self.settings.removal_grace
-        if isinstance(self._source, FolderSource):
+        if isinstance(self._source, Settling):
             self._source.settle = self.settings.debounce
 
     # --- the loop -------------------------------------------------------------------------
@@ -122,24 +122,22 @@ class Daemon:
             loop.call_soon_threadsafe(self._on_file_event, key)
 
         # A git source publishes immutable snapshots after its own fetches: nothing to watch.
-        watcher = None if self._git else Watcher(self.settings.manifests, from_watcher_thread,
-                                                 self.settings.watch)
+        watcher = None if self._git else wiring.watcher(self.settings, from_watcher_thread)
         if watcher is not None:
             watcher.start()
         self._watcher = watcher
         server = await self._start_health_server()
         probe = await self._start_probe()
         pinger = self._start_watchdog()
-        self._log.info("daemon.started", manifests=self._describe_source(),
-                       endpoint=self.settings.endpoint, client_id=self._signer.client_id,
-                       state=str(self._store.path), watch=self.settings.watch, pid=os.getpid())
         try:
-            async with ApiClient(self.settings.endpoint, self._signer,
-                                 prefix=self.settings.api_prefix,
-                                 timeout=self.settings.request_timeout,
-                                 max_connections=max(16, self.settings.concurrency)) as client:
-                client.on_request = self._on_request
-                self._client = client
+            async with wiring.backend(self.settings, self._signer, on_request=self._on_request,
+                                      max_connections=max(16, self.settings.concurrency)
+                                      ) as backend:
+                self._backend: Backend = backend
+                self._log.info("daemon.started", manifests=self._describe_source(),
+                               endpoint=self.settings.endpoint, client_id=backend.identity,
+                               state=self._store.location, watch=self.settings.watch,
+                               pid=os.getpid())
                 self._executor = self._new_executor()
                 await self._work_loop()
         finally:
@@ -156,22 +154,19 @@ class Daemon:
         return 0
 
     def _new_executor(self) -> Executor:
-        executor = Executor(self._store, self._client, self._policy(),
-                            concurrency=self.settings.concurrency,
-                            confirmations=self.settings.resolve_confirmations,
-                            resolve_delay=self.settings.resolve_delay)
+        executor = wiring.executor(self.settings, self._store, self._backend, self._policy())
         executor.on_progress = lambda done, total: self._alive()
         return executor
 
     def _describe_source(self) -> str:
         if self._git is not None:
-            return f"{scrub_text(self._git.url)} ref {self._git.ref} path /{self._git.path}"
+            return self._git.describe()
         return str(self.settings.manifests)
 
     async def _work_loop(self) -> None:
         next_resync = time.monotonic()  # the first pass runs at once
         next_poll = next_resync + self.settings.poll_interval
-        self._next_fetch = next_resync if self._git else float("inf")
+        self._fetches.next_at = next_resync if self._git else float("inf")
         while True:
             work = await self._next_work(next_resync, next_poll)
             if work is _Work.STOP:
@@ -182,7 +177,7 @@ class Daemon:
                 continue
             if work is _Work.POLL:
                 changed = await self._observe()
-                next_poll = time.monotonic() + self._poll_delay()
+                next_poll = time.monotonic() + self._poll.delay()
                 if not changed:
                     continue
             next_resync = time.monotonic() + await self._pass_then_delay()
@@ -192,35 +187,20 @@ class Daemon:
             now = time.monotonic()
             if self._stopping:
                 return _Work.STOP
-            if self._fetch_requested or (self._git and now >= self._next_fetch):
+            if self._fetch_requested or (self._git and self._fetches.due()):
                 self._fetch_requested = False
                 return _Work.FETCH
             if self._sync_requested or self._reload_requested:
                 self._sync_requested = False
                 return _Work.PASS
-            if self._pending and now >= self._settle_deadline():
+            if self._settle.due():
                 return _Work.PASS
             if now >= next_resync:
                 return _Work.PASS
             if now >= next_poll:
                 return _Work.POLL
-            await self._sleep_until(min(next_resync, next_poll, self._next_fetch,
-                                        self._settle_deadline()))
-
-    def _settle_deadline(self) -> float:
-        """When the first pending path settles: quiet for ``debounce``, or changing for
-        ``max_delay`` already (a file rewritten nonstop is taken as it is then)."""
-        debounce, max_delay = self.settings.debounce, self.settings.max_delay
-        return min((min(last + debounce, first + max_delay)
-                    for first, last in self._pending.values()), default=float("inf"))
-
-    def _take_settling(self) -> frozenset[str]:
-        """Forget the settled paths; return those still changing, for the planner."""
-        now = time.monotonic()
-        debounce, max_delay = self.settings.debounce, self.settings.max_delay
-        self._pending = {key: (first, last) for key, (first, last) in self._pending.items()
-                         if now - last < debounce and now - first < max_delay}
-        return frozenset(self._pending)
+            await self._sleep_until(min(next_resync, next_poll, self._fetches.next_at,
+                                        self._settle.deadline()))
 
     async def _sleep_until(self, deadline: float) -> None:
         self._wake.clear()
@@ -243,7 +223,7 @@ class Daemon:
         result = self._last_result
         if result is not None and result.plan.changes:
             delay = min(delay, _SETTLE_AFTER_CHANGES)
-        if self._reconciler.source_settling and not self._pending:
+        if self._reconciler.source_settling and not self._settle:
             # A file written moments ago and no event to bring a pass: look again once it
             # settled (an in-place write, or --watch poll). Pending events bring their own.
             delay = min(delay, self.settings.debounce + 0.01)
@@ -254,7 +234,7 @@ class Daemon:
 
     async def _guarded_pass(self) -> bool:
         """Run one pass; a failure is logged and reported, never the end of the loop."""
-        settling = self._take_settling()
+        settling = self._settle.take_settling()
         if self._watcher is not None and self._watcher.ensure():
             self._log.info("watch.moved", manifests=str(self.settings.manifests))
         assert self._executor is not None
@@ -306,45 +286,40 @@ class Daemon:
         """Fetch the repository; True when a pass should follow (new commit, or a failure
         that the status must show)."""
         assert self._git is not None
-        interval = self.settings.git_interval
         try:
             result = await asyncio.to_thread(self._git.fetch)
-        except GitError as exc:
-            self._fetch_failures += 1
-            retry = min(interval * 10, interval * 2 ** (self._fetch_failures - 1))
-            self._next_fetch = time.monotonic() + retry
+        except FetchError as exc:
+            retry = self._fetches.failed()
             self._log.error("git.fetch_failed", error=str(exc), retry_in_s=retry,
                             revision=self._git.commit(),
                             reason="source not ready: nothing is cancelled; last good "
                                    "snapshot kept")
-            return self._fetch_failures == 1
-        was_failing, self._fetch_failures = self._fetch_failures > 0, 0
-        self._next_fetch = time.monotonic() + interval
+            return self._fetches.failures == 1
+        was_failing = self._fetches.succeeded()
         if result.changed:
             self._log.info("git.fetched", revision=result.commit, ref=self._git.ref)
         return result.changed or was_failing
 
     async def _observe(self) -> bool:
         """Refresh live jobs; True when something changed that a pass should act on."""
-        started = time.process_time()
-        try:
-            counts: Counter[str] = await observe(self._store, self._client, self._policy())
-        except (RequesterError, StoreError) as exc:
-            self._observe_failures += 1
-            self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll_delay())
-            return False
-        finally:
-            self._poll_cost = time.process_time() - started
-        self._observe_failures = 0
+        with self._poll.measuring():
+            try:
+                counts: Counter[str] = await observe(self._store, self._backend, self._policy())
+            except (RequesterError, StoreError) as exc:
+                self._poll.failures += 1
+                self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll.delay())
+                return False
+        self._poll.failures = 0
         return bool(counts)
 
-    def _poll_delay(self) -> float:
-        """The poll interval, doubling while the requester cannot be reached (up to 2 min),
-        and stretched so that polling stays within ``poll_budget`` of one core: the legacy
-        list has no paging, and parsing 10,000 jobs costs ~0.2 s of CPU."""
-        interval = self.settings.poll_interval
-        backoff = min(max(interval, 120.0), interval * 2.0 ** self._observe_failures)
-        return float(max(backoff, self._poll_cost / self.settings.poll_budget))
+    def _configure_timers(self) -> None:
+        """Settings a reload may change take effect on the next deadline."""
+        self._settle.debounce, self._settle.max_delay = (self.settings.debounce,
+                                                         self.settings.max_delay)
+        self._fetches.interval = self.settings.git_interval
+        self._fetches.cap = self.settings.git_interval * 10
+        self._poll.interval, self._poll.budget = (self.settings.poll_interval,
+                                                  self.settings.poll_budget)
 
     # --- reload ---------------------------------------------------------------------------
 
@@ -370,6 +345,7 @@ class Daemon:
         self._reconciler.policy = self._policy()
         self._apply_settle_settings()
         self._executor = self._new_executor()
+        self._configure_timers()
         self._log.info("config.reloaded", changed=applied, needs_restart=restart_needed)
         self._reload_done_pending = True
 
@@ -413,9 +389,7 @@ class Daemon:
         self._wake.set()
 
     def _on_file_event(self, key: str) -> None:
-        now = time.monotonic()
-        first, _ = self._pending.get(key, (now, now))
-        self._pending[key] = (first, now)
+        self._settle.changed(key)
         self._wake.set()
 
     def _alive(self) -> None:
@@ -457,10 +431,9 @@ class Daemon:
 
     async def _client_id_of(self, job_id: str) -> str | None:
         try:
-            jobs = await self._client.list_jobs(job_id=job_id)
+            return await self._backend.owner_of(job_id)
         except RequesterError:
             return None
-        return jobs[0].client_id if jobs else None
 
     async def _start_health_server(self) -> HealthServer | None:
         if not self.settings.metrics_listen:

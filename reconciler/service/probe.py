@@ -32,8 +32,8 @@ from reconciler.domain.approval import (
     spec_value,
 )
 from reconciler.domain.records import Approval
+from reconciler.ports import StateStore
 from reconciler.service.http import Response
-from reconciler.store.sqlite import Store
 
 ClientIdLookup = Callable[[str], Awaitable[str | None]]
 _STATES = {"approve": "approved", "reject": "rejected", "manual": "pending"}
@@ -41,7 +41,7 @@ _STATES = {"approve": "approved", "reject": "rejected", "manual": "pending"}
 MAX_PROBE_BODY = 256 * 1024
 
 
-def effective_policies(store: Store) -> dict[str, ApprovalPolicy]:
+def effective_policies(store: StateStore) -> dict[str, ApprovalPolicy]:
     """The policies in force: the last valid version of each, as the store keeps them."""
     return {p.name: ApprovalPolicy.model_validate_json(p.body) for p in store.policies()}
 
@@ -57,7 +57,7 @@ def summary(request: ProbeRequest) -> str:
 
 
 class ProbeService:
-    def __init__(self, store: Store, lookup_client_id: ClientIdLookup, *,
+    def __init__(self, store: StateStore, lookup_client_id: ClientIdLookup, *,
                  max_stored: int = 1000, retention: float = 86400.0) -> None:
         self._store = store
         self._lookup = lookup_client_id

@@ -31,12 +31,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from reconciler.domain.snapshot import Snapshot
 from reconciler.events import clean, scrub_text
+from reconciler.ports import FetchResult
+from reconciler.sources.errors import FetchError
 from reconciler.sources.folder import FolderSource
 
 GIT_TIMEOUT = 120.0
@@ -52,18 +53,12 @@ esac
 """
 
 
-class GitError(Exception):
+class GitError(FetchError):
     """A git command failed; the message names the step and carries no credentials."""
 
     def __init__(self, message: str) -> None:
         # git's error lines can echo remote text of any length: bounded here, once.
         super().__init__(clean(message))
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    commit: str
-    changed: bool
 
 
 def split_credentials(url: str) -> tuple[str, str | None, str | None]:
@@ -102,6 +97,9 @@ class GitSource:
         if not self.current.is_symlink():
             return Snapshot(False, f"{self.url}: no revision fetched yet")
         return self._folder.read()
+
+    def describe(self) -> str:
+        return f"{scrub_text(self.url)} ref {self.ref} path /{self.path}"
 
     def commit(self) -> str | None:
         try:

@@ -11,8 +11,10 @@ Durability rules (ops.md 4.1-4.2):
   cut only means resolving its intent again by uid.
 
 The schema is versioned (``PRAGMA user_version``) and migrated forward on open; a store written
-by a newer version is refused. A writer takes an exclusive ``flock`` on ``<db>.lock`` so two
-daemons never share a store.
+by a newer version is refused. The daemon's store is handed a
+:class:`~reconciler.ports.Leadership` (:class:`~reconciler.store.lease.FileLease`, an exclusive
+``flock`` on ``<db>.lock``) so two daemons never share a store; only while it holds one does the
+store keep a write-through copy of the records.
 
 The files (db, ``-wal``, ``-shm``, lock) are private (0600) whatever the umask and whether or
 not the folder existed: SQLite creates the database 0644 and gives the ``-wal`` and ``-shm``
@@ -26,13 +28,13 @@ again once.
 A writer runs ``PRAGMA quick_check`` when it opens the store and refuses a damaged one.
 
 Errors: :class:`StoreError` (and :class:`StoreLocked`, :class:`StoreTooNew`,
-:class:`StoreCorrupt`), translated from ``sqlite3`` and ``OSError`` where they enter.
+:class:`StoreCorrupt`) of :mod:`reconciler.store.errors`, translated from ``sqlite3`` and
+``OSError`` where they enter.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sqlite3
@@ -43,6 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
+from reconciler.ports import Leadership
+from reconciler.store.errors import StoreCorrupt, StoreError, StoreLocked, StoreTooNew
+
+__all__ = ["SCHEMA_VERSION", "Store", "StoreCorrupt", "StoreError", "StoreLocked", "StoreTooNew"]
 
 SCHEMA_VERSION = 3
 #: Cancels older than this are pruned: the longest ``mass_cancel_window`` allowed.
@@ -98,30 +104,6 @@ _MIGRATIONS: dict[int, str] = {
 _COLUMNS = tuple(f.name for f in fields(Record))
 
 
-class StoreError(Exception):
-    """The state store cannot be used."""
-
-
-class StoreLocked(StoreError):
-    pass
-
-
-class StoreTooNew(StoreError):
-    pass
-
-
-class StoreCorrupt(StoreError):
-    pass
-
-
-def default_path() -> Path:
-    """``$STATE_DIRECTORY/state.db`` under systemd, else ``~/.local/state/reconciler``."""
-    state_dirs = os.environ.get("STATE_DIRECTORY")
-    if state_dirs:
-        return Path(state_dirs.split(":")[0]) / "state.db"
-    return Path.home() / ".local/state/reconciler/state.db"
-
-
 @contextlib.contextmanager
 def _translated(path: Path) -> Iterator[None]:
     try:
@@ -135,21 +117,22 @@ def _translated(path: Path) -> Iterator[None]:
 class Store:
     """Records by name. ``writer=False`` opens read-only (``plan``, ``status``)."""
 
-    def __init__(self, path: Path, *, writer: bool = True, exclusive: bool = True) -> None:
-        """``exclusive=False`` writes without the daemon lock (SQLite still serializes
-        writers): for small updates from the CLI while a daemon runs."""
+    def __init__(
+        self, path: Path, *, writer: bool = True, leadership: Leadership | None = None
+    ) -> None:
+        """Without ``leadership`` a writer writes beside whoever leads (SQLite serializes
+        writers): for small updates from the CLI while a daemon runs. The store releases the
+        leadership it was handed when it closes."""
         self.path = path
-        self._lock_fd: int | None = None
-        # The only writer (it holds the lock) keeps a write-through copy of the records, so a
-        # pass does not read every row back from SQLite; others always read the file.
+        self._leadership = leadership
+        # The only writer (it leads) keeps a write-through copy of the records, so a pass
+        # does not read every row back from SQLite; others always read the file.
         self._cache: dict[str, Record] | None = None
-        self._caching = writer and exclusive
+        self._writer = writer
         self._reclaim_pending = False  # a write failed for lack of space; see _reclaim
         with _translated(path):
-            if writer and exclusive:
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                self._lock_fd = _take_lock(path)
             if writer:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 _make_private(path)
             self._db = self._connect(path, writer)
             if writer:
@@ -213,11 +196,14 @@ class Store:
                 f"BEGIN IMMEDIATE; {_MIGRATIONS[step]}; PRAGMA user_version={step}; COMMIT;"
             )
 
+    @property
+    def _caching(self) -> bool:
+        return self._writer and self._leadership is not None and self._leadership.held
+
     def close(self) -> None:
         self._db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._leadership is not None:
+            self._leadership.release()
 
     def __enter__(self) -> Store:
         return self
@@ -227,7 +213,13 @@ class Store:
 
     # --- reading ------------------------------------------------------------------------
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def records(self) -> list[Record]:
+        if self._cache is not None and not self._caching:
+            self._cache = None  # leadership lost: another writer may write now
         if self._cache is not None:
             return list(self._cache.values())
         with _translated(self.path):
@@ -418,20 +410,6 @@ def _make_private(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(member).st_mode & 0o077:
                 os.chmod(member, 0o600)
-
-
-def _take_lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLocked(
-            f"{path}: in use by another reconciler process (lock {lock_path}); "
-            "two daemons must not share a store"
-        ) from None
-    return fd
 
 
 def _record(row: sqlite3.Row) -> Record:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from reconciler.backends.signing import load_signer, raw_members, signed_body, write_new_key
+from reconciler.backends.signing import load_signer, signed_body, write_new_key
+from reconciler.devnet.envelope import raw_members
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import figures

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.store.sqlite import Store
+from reconciler.app.wiring import open_store
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import audit, figures, manifest, size
@@ -65,7 +65,7 @@ def _hold_lock(path: str, seconds: float) -> None:
 def test_store_locked_by_another_process(tmp_path: Path, dev: DevProcess,
                                          rsa_key: Path) -> None:
     state = tmp_path / "state.db"
-    Store(state).close()
+    open_store(state).close()
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys, tests.reliability.test_store_faults as t; "
                                "t._hold_lock(sys.argv[1], 9)", str(state)])
@@ -97,7 +97,7 @@ def test_store_locked_mid_apply_never_duplicates(
     count = size(40, 100)  # 4 at a time: submits take 10 s (25 s full)
     dev = dev_factory("--latency", "1.0", "--job-duration", "3600")
     state = tmp_path / "state.db"
-    Store(state).close()
+    open_store(state).close()
     names = [f"m-{i:03d}" for i in range(count)]
     daemon, _ = start(tmp_path, dev, rsa_key, state, names, {"RECONCILER_CONCURRENCY": "4"})
     holder = None
@@ -199,7 +199,7 @@ def test_disk_full_mid_run(tmp_path: Path, dev: DevProcess, rsa_key: Path,
         wait_until(lambda: len(dev.jobs()) == 21, timeout=30)
     finally:
         daemon.stop()
-    with Store(state) as store:
+    with open_store(state) as store:
         assert store.check() == "ok"
         assert len(store.records()) == 21
     result = audit(dev.jobs(), {n: f"img:{n}" for n in ["first", *names]})
@@ -211,7 +211,7 @@ def test_disk_full_mid_run(tmp_path: Path, dev: DevProcess, rsa_key: Path,
 def test_read_only_state_directory(tmp_path: Path, dev: DevProcess, rsa_key: Path) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    Store(state_dir / "state.db").close()
+    open_store(state_dir / "state.db").close()
     view = tmp_path / "ro"
     view.mkdir()
     done = subprocess.run(["mount", "--bind", "-o", "ro", str(state_dir), str(view)],
@@ -231,5 +231,5 @@ def test_read_only_state_directory(tmp_path: Path, dev: DevProcess, rsa_key: Pat
 
 def test_store_files_never_world_readable(tmp_path: Path) -> None:
     state = tmp_path / "sub" / "state.db"
-    Store(state).close()
+    open_store(state).close()
     assert os.stat(state.parent).st_mode & 0o077 == 0
