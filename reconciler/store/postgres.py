@@ -1,0 +1,362 @@
+"""The state store on PostgreSQL: several daemons share one database, one of them leads.
+
+The same records, intents, approval policies and approvals as ``store/sqlite.py``, in the schema
+``reconciler`` of the database the URL names. What differs, and why (docs/design.md, "High
+availability"):
+
+* Durability: every transaction commits with ``synchronous_commit = on`` (the server's default,
+  set explicitly because an operator's database may have turned it off); an intent is on the
+  server's disk before its request is sent.
+* Fencing: a writer is given the :class:`~reconciler.store.lease.PostgresLease` it acts under.
+  Every write transaction first checks, inside the same transaction and under a share lock on
+  the lease row, that the lease still carries our epoch and has not expired by the *server's*
+  clock. A leader that was paused, cut off or replaced therefore cannot write an intent, and
+  what is not recorded as an intent is never sent. Each row remembers the epoch that wrote it.
+* Migrations run in one transaction under a transaction-scoped advisory lock, so two daemons
+  starting together cannot both migrate.
+* The write-through record cache is kept only while the epoch it was filled under is ours: a
+  new epoch (ours after a takeover, or someone else's) starts from the database again.
+
+Errors: :class:`~reconciler.store.sqlite.StoreError` and its subclasses, as for SQLite, with
+credentials masked; :class:`NotLeader` when a fenced write finds the lease gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, astuple, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.rows import dict_row
+
+from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
+from reconciler.events import scrub_text
+from reconciler.store.errors import StoreError, StoreTooNew
+from reconciler.store.sqlite import SCHEMA_VERSION
+
+SCHEMA = "reconciler"
+#: ``pg_advisory_xact_lock`` key for migrations: a constant unlikely to clash in a shared database.
+MIGRATION_LOCK_KEY = 0x7265636F6E63  # "reconc"
+CONNECT_TIMEOUT = 5
+#: A statement that takes longer than this fails rather than holding a pass (or a lease) hostage.
+STATEMENT_TIMEOUT_MS = 5000
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        job_id TEXT,
+        uid TEXT,
+        job_state TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        on_remove TEXT NOT NULL DEFAULT 'cancel',
+        revision TEXT,
+        updated_at DOUBLE PRECISION NOT NULL,
+        epoch BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_job_id ON jobs(job_id);
+    """,
+    2: """
+    CREATE TABLE approval_policies (
+        name TEXT PRIMARY KEY,
+        body TEXT NOT NULL,
+        body_hash TEXT NOT NULL,
+        path TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        epoch BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE approvals (
+        job_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        callback TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        state TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        decided_at DOUBLE PRECISION,
+        epoch BIGINT NOT NULL DEFAULT 0
+    );
+    """,
+    3: """
+    CREATE TABLE cancels (name TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
+    CREATE INDEX cancels_at ON cancels(at);
+    """,
+}
+assert max(_MIGRATIONS) == SCHEMA_VERSION, "both engines carry the same schema versions"
+
+#: Created before the versioned schema: the lease must exist for fencing from the first write.
+_LEASE_TABLE = """
+CREATE TABLE IF NOT EXISTS leader_lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL DEFAULT '',
+    epoch BIGINT NOT NULL DEFAULT 0,
+    acquired_at TIMESTAMPTZ,
+    renewed_at TIMESTAMPTZ,
+    expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO leader_lease (id) VALUES (1) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+"""
+
+_COLUMNS = tuple(f.name for f in fields(Record))
+
+
+class NotLeader(StoreError):
+    """A fenced write found that our lease is gone: another daemon leads now."""
+
+
+class Fence(Protocol):
+    """What a fenced store needs of a lease: the epoch it acts under (None: not leading)."""
+
+    @property
+    def epoch(self) -> int | None: ...
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+def connect(url: str, *, application: str = "reconciler") -> psycopg.Connection[Any]:
+    """One autocommit connection with keepalives, so a vanished peer is noticed in seconds
+    (docs/operations-notes.md, PostgreSQL). libpq's ``PG*`` variables and ``PGPASSFILE`` apply
+    as usual; under systemd the password may also come from
+    ``$CREDENTIALS_DIRECTORY/state-password``."""
+    extra: dict[str, Any] = {}
+    password = _credential_password()
+    if password is not None and "password" not in psycopg.conninfo.conninfo_to_dict(url):
+        extra["password"] = password
+    try:
+        conn = psycopg.connect(
+            url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name=application,
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c synchronous_commit=on",
+            **extra)
+    except psycopg.Error as exc:
+        raise StoreError(f"{mask_url(url)}: {_message(exc)}") from None
+    return conn
+
+
+def mask_url(url: str) -> str:
+    return scrub_text(url)
+
+
+def _credential_password() -> str | None:
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / "state-password"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _message(exc: BaseException) -> str:
+    """A one-line, credential-free description of a driver error."""
+    text = str(exc).strip().splitlines()
+    return scrub_text(text[0] if text else type(exc).__name__)[:300]
+
+
+class PostgresStore:
+    """Records by name in PostgreSQL. ``fence`` (a lease) makes every write check leadership."""
+
+    def __init__(self, url: str, *, writer: bool = True, fence: Fence | None = None) -> None:
+        self.path = mask_url(url)  # what error messages and status name
+        self._url = url
+        self._writer = writer
+        self._fence = fence
+        self._cache: dict[str, Record] | None = None
+        self._cache_epoch: int | None = None
+        self._db = connect(url)
+        with self._translated():
+            self._prepare()
+
+    # --- opening ------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        with self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            self._db.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            self._db.execute(f"SET LOCAL search_path TO {SCHEMA}")
+            self._db.execute(_LEASE_TABLE)
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreTooNew(
+                    f"{self.path}: written by a newer reconciler (schema {version}, this one "
+                    f"knows {SCHEMA_VERSION}); upgrade reconciler")
+            if version < SCHEMA_VERSION and not self._writer:
+                raise StoreError(f"{self.path}: needs a schema upgrade; run the daemon once")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                self._db.execute(_MIGRATIONS[step])
+            if row is None:
+                self._db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                self._db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+        self._db.execute(f"SET search_path TO {SCHEMA}")
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.path}: {_message(exc)}") from None
+
+    def _reconnect_if_broken(self) -> None:
+        if self._db.broken or self._db.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._db.close()
+            self._db = connect(self._url)
+            self._db.execute(f"SET search_path TO {SCHEMA}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- reading ------------------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        epoch = self._fence.epoch if self._fence is not None else None
+        if self._cache is not None and epoch is not None and epoch == self._cache_epoch:
+            return list(self._cache.values())
+        rows = self._query(f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY name")
+        records = [_record(row) for row in rows]
+        # Only a leader is the only writer; its cache lives as long as its epoch.
+        if self._writer and epoch is not None:
+            self._cache, self._cache_epoch = {r.name: r for r in records}, epoch
+        else:
+            self._cache = None
+        return records
+
+    def check(self) -> str:
+        self._query("SELECT 1")
+        return "ok"
+
+    def policies(self) -> list[StoredPolicy]:
+        rows = self._query("SELECT name, body, body_hash, path FROM approval_policies "
+                           "ORDER BY name")
+        return [StoredPolicy(**row) for row in rows]
+
+    def approvals(self, state: str | None = None) -> list[Approval]:
+        columns = ", ".join(f.name for f in fields(Approval))
+        sql = f"SELECT {columns} FROM approvals" + (" WHERE state = %s" if state else "")
+        rows = self._query(sql + " ORDER BY received_at", (state,) if state else ())
+        return [Approval(**row) for row in rows]
+
+    def approval(self, job_id: str) -> Approval | None:
+        columns = ", ".join(f.name for f in fields(Approval))
+        rows = self._query(f"SELECT {columns} FROM approvals WHERE job_id = %s", (job_id,))
+        return Approval(**rows[0]) if rows else None
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._translated():
+            self._reconnect_if_broken()
+            with self._db.cursor(row_factory=dict_row) as cur:
+                return list(cur.execute(sql, params).fetchall())
+
+    # --- writing ------------------------------------------------------------------------
+
+    def save_policies(self, policies: Sequence[StoredPolicy]) -> None:
+        now = time.time()
+        with self._transaction() as (cur, epoch):
+            cur.executemany(
+                "INSERT INTO approval_policies VALUES (%s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, "
+                "body_hash = EXCLUDED.body_hash, path = EXCLUDED.path, "
+                "updated_at = EXCLUDED.updated_at, epoch = EXCLUDED.epoch",
+                [(p.name, p.body, p.body_hash, p.path, now, epoch) for p in policies])
+
+    def drop_policies(self, names: Iterable[str]) -> None:
+        with self._transaction() as (cur, _):
+            cur.executemany("DELETE FROM approval_policies WHERE name = %s", [(n,) for n in names])
+
+    def save_approval(self, approval: Approval) -> None:
+        columns = [f.name for f in fields(Approval)]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in [*columns[1:], "epoch"])
+        with self._transaction() as (cur, epoch):
+            cur.execute(
+                f"INSERT INTO approvals ({', '.join(columns)}, epoch) "
+                f"VALUES ({', '.join(['%s'] * (len(columns) + 1))}) "
+                f"ON CONFLICT (job_id) DO UPDATE SET {updates}",
+                (*astuple(approval), epoch))
+
+    def commit_intents(self, records: Sequence[Record]) -> None:
+        """Intents and outcomes alike commit synchronously here: one round trip either way."""
+        self._write(records)
+
+    def save(self, records: Sequence[Record]) -> None:
+        self._write(records)
+
+    def forget(self, names: Iterable[str]) -> None:
+        gone = list(names)
+        if not gone:
+            return
+        with self._transaction() as (cur, _):
+            cur.execute("DELETE FROM jobs WHERE name = ANY(%s)", (gone,))
+        if self._cache is not None:
+            for name in gone:
+                self._cache.pop(name, None)
+
+    def _write(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        now = time.time()
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in [*_COLUMNS[1:], "epoch"])
+        sql = (f"INSERT INTO jobs ({', '.join(_COLUMNS)}, epoch) "
+               f"VALUES ({', '.join(['%s'] * (len(_COLUMNS) + 1))}) "
+               f"ON CONFLICT (name) DO UPDATE SET {updates}")
+        with self._transaction() as (cur, epoch):
+            rows = [(*(asdict(r) | {"phase": str(r.phase), "updated_at": now}).values(), epoch)
+                    for r in records]
+            cur.executemany(sql, rows)
+        if self._cache is not None:
+            for record in records:
+                self._cache[record.name] = replace(record, updated_at=now)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[tuple[psycopg.Cursor[Any], int]]:
+        """A write transaction, fenced by the lease when there is one."""
+        if not self._writer:
+            raise StoreError(f"{self.path}: opened read-only")
+        epoch = 0
+        if self._fence is not None:
+            held = self._fence.epoch
+            if held is None:
+                raise NotLeader(f"{self.path}: not the leader; nothing written")
+            epoch = held
+        with self._translated():
+            self._reconnect_if_broken()
+            with self._db.transaction(), self._db.cursor() as cur:
+                if self._fence is not None:
+                    # FOR SHARE: a takeover (an UPDATE of this row) waits for this commit, and
+                    # this transaction sees the row as the takeover left it, never a stale copy.
+                    row = cur.execute(
+                        "SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s "
+                        "AND expires_at > clock_timestamp() FOR SHARE", (epoch,)).fetchone()
+                    if row is None:
+                        self._cache = None
+                        raise NotLeader(
+                            f"{self.path}: lease epoch {epoch} is no longer ours; nothing written")
+                yield cur, epoch
+
+
+def _record(row: dict[str, Any]) -> Record:
+    values = {column: row[column] for column in _COLUMNS}
+    values["phase"] = Phase(values["phase"])
+    return Record(**values)

@@ -1,0 +1,243 @@
+"""The PostgreSQL store and its lease, against a real server started for these tests.
+
+The store contract (what the engine relies on) runs against both engines; the lease tests
+check exclusivity, takeover only after expiry, fencing of writes, and that a paused or cut-off
+leader stops believing before anyone else can lead.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
+from reconciler.store.errors import StoreError
+from reconciler.store.sqlite import Store
+from tests.pgserver import PgServer, running_server, unavailable_reason
+
+try:
+    from reconciler.store.pglease import PostgresLease
+    from reconciler.store.postgres import NotLeader, PostgresStore
+except ImportError:  # psycopg missing: the skip below says so
+    pass
+
+_REASON = unavailable_reason()
+needs_pg = pytest.mark.skipif(_REASON is not None, reason=f"PostgreSQL: {_REASON}")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    if _REASON is not None:
+        pytest.skip(f"PostgreSQL: {_REASON}")
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg: PgServer) -> str:
+    return pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(name: str, phase: Phase = Phase.SUBMITTING, **extra: Any) -> Record:
+    return Record(name=name, phase=phase, spec_hash="h" * 64, path=f"{name}.yaml",
+                  uid=uuid.uuid4().hex, **extra)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "sqlite":
+        store: Any = Store(tmp_path / "state.db")
+    else:
+        if _REASON is not None:
+            pytest.skip(f"PostgreSQL: {_REASON}")
+        store = PostgresStore(request.getfixturevalue("pg_url"))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# --- the store contract, both engines ------------------------------------------------------
+
+
+def test_intents_outcomes_and_forgetting(any_store: Any) -> None:
+    a, b = _record("a"), _record("b")
+    any_store.commit_intents([a, b])
+    assert [r.name for r in any_store.records()] == ["a", "b"]
+    any_store.save([Record(**{**a.__dict__, "phase": Phase.ACTIVE, "job_id": "j-1"})])
+    got = {r.name: r for r in any_store.records()}
+    assert got["a"].phase is Phase.ACTIVE and got["a"].job_id == "j-1"
+    assert got["b"].uid == b.uid and got["b"].phase is Phase.SUBMITTING
+    any_store.forget(["a"])
+    assert [r.name for r in any_store.records()] == ["b"]
+
+
+def test_records_round_trip_every_field(any_store: Any) -> None:
+    record = _record("x", Phase.ERROR, job_id="j-9", job_state="Error", attempts=3,
+                     last_error="boom", next_attempt_at=12345.5, on_remove="orphan",
+                     revision="abc123")
+    any_store.commit_intents([record])
+    (got,) = any_store.records()
+    assert {k: v for k, v in got.__dict__.items() if k != "updated_at"} == \
+           {k: v for k, v in record.__dict__.items() if k != "updated_at"}
+    assert got.updated_at > 0
+
+
+def test_policies_and_approvals(any_store: Any) -> None:
+    any_store.save_policies([StoredPolicy("p", "{}", "h1", "p.yaml")])
+    any_store.save_policies([StoredPolicy("p", '{"a":1}', "h2", "q.yaml")])
+    assert any_store.policies() == [StoredPolicy("p", '{"a":1}', "h2", "q.yaml")]
+    any_store.drop_policies(["p"])
+    assert any_store.policies() == []
+    pending = Approval("j-1", "n-1", "http://n/cb", "docker", "pending", "", "", 1.0)
+    any_store.save_approval(pending)
+    decided = Approval("j-1", "n-1", "http://n/cb", "docker", "approved", "r", "ok", 1.0, 2.0)
+    any_store.save_approval(decided)
+    assert any_store.approval("j-1") == decided
+    assert any_store.approvals("pending") == [] and any_store.approvals() == [decided]
+    assert any_store.approval("nope") is None
+
+
+# --- PostgreSQL specifics ------------------------------------------------------------------
+
+
+@needs_pg
+def test_two_daemons_starting_together_migrate_once(pg_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            PostgresStore(pg_url).close()
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@needs_pg
+def test_password_never_in_errors(pg: PgServer) -> None:
+    url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{pg.port}/no_such_db"
+    with pytest.raises(StoreError) as info:
+        PostgresStore(url)
+    assert "s3cret-pw" not in str(info.value)
+    assert "no_such_db" in str(info.value)
+
+
+@needs_pg
+def test_only_one_leads_and_a_standby_takes_over_after_expiry(pg_url: str) -> None:
+    a_clock, b_clock = FakeClock(), FakeClock()
+    a = PostgresLease(pg_url, "host-a", duration=1.0, clock=a_clock)
+    b = PostgresLease(pg_url, "host-b", duration=1.0, clock=b_clock)
+    try:
+        assert a.campaign() is True
+        first = a.epoch
+        assert first is not None
+        assert b.campaign() is False and b.epoch is None
+        info = b.info()
+        assert info is not None and info.holder == "host-a" and info.epoch == first
+        # a stops renewing (killed, paused): b takes over only once the server's expiry passed
+        _wait_until(lambda: b.campaign(), timeout=5.0)
+        assert b.epoch == first + 1
+        # a wakes up: by its own clock the lease is gone (paused past it), and renewing fails
+        a_clock.now += 10
+        assert a.epoch is None
+        assert a.campaign() is False
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_pg
+def test_a_write_under_a_lost_epoch_is_refused(pg_url: str) -> None:
+    clock = FakeClock()
+    old = PostgresLease(pg_url, "old", duration=1.0, clock=clock)
+    new = PostgresLease(pg_url, "new", duration=1.0)
+    store = PostgresStore(pg_url, fence=old)
+    try:
+        assert old.campaign()
+        store.commit_intents([_record("a")])
+        _wait_until(lambda: new.campaign(), timeout=5.0)  # old never renewed: it expired
+        # old still believes (its clock did not move), but the database says otherwise
+        assert old.epoch is not None
+        with pytest.raises(NotLeader):
+            store.commit_intents([_record("b")])
+        assert [r.name for r in store.records()] == ["a"]
+    finally:
+        store.close()
+        old.close()
+        new.close()
+
+
+@needs_pg
+def test_a_standby_writes_nothing(pg_url: str) -> None:
+    leader = PostgresLease(pg_url, "leader", duration=5.0)
+    standby = PostgresLease(pg_url, "standby", duration=5.0)
+    store = PostgresStore(pg_url, fence=standby)
+    try:
+        assert leader.campaign() and not standby.campaign()
+        with pytest.raises(NotLeader):
+            store.commit_intents([_record("a")])
+        assert store.records() == []
+    finally:
+        store.close()
+        leader.close()
+        standby.close()
+
+
+@needs_pg
+def test_a_leader_cut_off_from_the_database_stops_leading(pg: PgServer, pg_url: str) -> None:
+    lease = PostgresLease(pg_url, "cut", duration=1.0, clock=FakeClock())
+    other = PostgresLease(pg_url, "other", duration=1.0)
+    try:
+        assert lease.campaign()
+        database = pg_url.rsplit("/", 1)[1]
+        pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               f"WHERE datname = '{database}' AND application_name = 'reconciler-lease'")
+        # its next renewal fails on the dead connection: it steps down at once
+        assert lease.campaign() is False and lease.epoch is None
+        _wait_until(lambda: other.campaign(), timeout=5.0)
+        assert lease.campaign() is False  # and cannot come back while other leads
+        assert other.epoch is not None and other.epoch > 1
+    finally:
+        lease.close()
+        other.close()
+
+
+@needs_pg
+def test_release_hands_over_at_once(pg_url: str) -> None:
+    a = PostgresLease(pg_url, "a", duration=30.0)
+    b = PostgresLease(pg_url, "b", duration=30.0)
+    try:
+        assert a.campaign()
+        a.release()
+        assert b.campaign()
+    finally:
+        a.close()
+        b.close()
+
+
+def _wait_until(condition: Any, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
