@@ -34,8 +34,8 @@ from typing import Any
 
 import psycopg
 
-from reconciler.store.postgres import SCHEMA, PostgresStore, connect, mask_url
 from reconciler.store.errors import StoreError
+from reconciler.store.postgres import SCHEMA, PostgresStore, connect, mask_url
 
 
 def boottime() -> float:
