@@ -56,7 +56,7 @@ def _violations() -> Iterator[str]:
                 yield f"{module} (domain) imports {imported}"
             if module == "reconciler.ports" and not _within(imported, "reconciler.domain"):
                 yield f"{module} (ports) imports {imported}"
-            if module == "reconciler.settings":
+            if module == "reconciler.settings" and imported != "reconciler.events":
                 yield f"{module} (values only) imports {imported}"
             if _within(module, "reconciler.engine") and (
                 _within(imported, "reconciler.app") or _within(imported, "reconciler.service")
