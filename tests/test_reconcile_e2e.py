@@ -68,7 +68,7 @@ def test_rename_and_reformat_change_nothing(h: Harness) -> None:
 
 
 def test_native_bacalhau_file_is_a_manifest(h: Harness) -> None:
-    examples = Path(__file__).parents[2] / "shared/bacalhau/examples"
+    examples = Path(__file__).parent / "fixtures/examples"
     (h.root / "job-s3.yaml").write_bytes((examples / "job-s3.yaml").read_bytes())
     h.apply()
     [job] = h.jobs("job-s3")

@@ -302,7 +302,7 @@ class ApiClient:
         should_bid: bool = True,
         reason: str = "",
     ) -> None:
-        """Post a signed ``ModerateJobRequest`` to a compute node (CONTRACT section 3)."""
+        """Post a signed ``ModerateJobRequest`` to a compute node (docs/wire-legacy.md, Approve)."""
         url = node_url.rstrip("/") + self._prefix + "/compute/approve"
         await self.approve_at(url, job_id, should_bid=should_bid, reason=reason)
 
@@ -324,7 +324,8 @@ class ApiClient:
         try:
             return await self._post("submit", "/requester/submit", body)
         except ServerError as exc:
-            # A 5xx after the handler ran may come after the job was stored (CONTRACT 1.1).
+            # A 5xx after the handler ran may come after the job was stored
+            # (docs/wire-legacy.md, Submit).
             raise OutcomeUnknown(str(exc), status=exc.status, job_id=exc.job_id) from exc
         except _SentNoReply as exc:
             raise OutcomeUnknown(f"submit: reply lost ({exc})") from exc

@@ -1,4 +1,5 @@
-"""Keys, client ids and signed envelopes, byte for byte as Bacalhau does them (CONTRACT section 2).
+"""Keys, client ids and signed envelopes, byte for byte as Bacalhau does them
+(docs/wire-legacy.md, Signing).
 
 Two key types, told apart by the key file itself:
 
@@ -260,7 +261,7 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def verify_envelope(body: bytes) -> VerifiedEnvelope:
-    """Check an envelope in the server's order (CONTRACT section 2): decode, require a
+    """Check an envelope in the server's order (docs/wire-legacy.md, Signing): decode, require a
     payload, verify the signature over its raw bytes, decode it, match ClientID to the key."""
     members = raw_members(body)
     raw = members.get("payload")

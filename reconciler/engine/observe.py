@@ -4,8 +4,9 @@ Active jobs are listed by their uid annotations, 500 to a request, so a reply ho
 jobs asked about: one list of all our jobs grew with every replaced or ended job the requester
 keeps (10,000 manifests after 10,000 changes: 20,000 jobs, ~22 MB of JSON and a 60 MB RSS peak
 per poll). A job missing from the lists is asked about by id (``states``), because an empty or
-short list is not proof of absence (CONTRACT 1.3); only an explicit "not found" marks it
-``lost``. The planner then decides what follows (resubmit or not, by the manifest's policy).
+short list is not proof of absence (docs/wire-legacy.md, List); only an explicit "not found"
+marks it ``lost``. The planner then decides what follows (resubmit or not, by the manifest's
+policy).
 """
 
 from __future__ import annotations

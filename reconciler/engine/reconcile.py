@@ -1,7 +1,8 @@
 """One pass: read the source, collect desired state, plan against the store, apply, report.
 
 The one-shot commands (``plan``, ``apply``, ``status``) and the daemon all go through
-:class:`Reconciler`, so a preview is made by the same code that acts (anchors P15).
+:class:`Reconciler`, so a preview is made by the same code that acts
+(docs/operations-notes.md, Lessons from other reconcilers).
 """
 
 from __future__ import annotations
