@@ -361,3 +361,19 @@ def test_lost_replies_never_duplicate(rig: Rig, how: SubmitFault) -> None:
     assert all(count == 1 for count in uids(rig).values())
     assert all(r.phase is Phase.ACTIVE for r in rig.records().values())
     assert rig.store.intent_commits <= 3 + 12  # batched: not one durable commit per job
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def test_a_problem_is_reported_once_even_if_its_file_settles_again(rig: Rig) -> None:
+    """A broken file whose events arrive late (a close after its create, on a busy machine) is
+    settling again for a pass: that pass must not forget it was reported, or the next one
+    reports it a second time (seen in the bad-input folder scenario under load)."""
+    rig.write("good.yaml", envelope("good"))
+    rig.write("bad.yaml", "apiVersion: reconciler/v1\nkind: Job\n")
+    reconciler = Reconciler(FolderSource(rig.root), rig.store.as_store(), PlanPolicy())
+    with capture_logs() as events:
+        for settling in (frozenset(), frozenset({"bad.yaml"}), frozenset()):
+            asyncio.run(reconciler.run_pass(None, settling=settling))
+    assert [e["path"] for e in events if e["event"] == "manifest.invalid"] == ["bad.yaml"]

@@ -150,9 +150,13 @@ class Reconciler:
         """One event per problem when it first appears, not on every pass."""
         current: set[str] = set()
         for error in desired.errors:
-            if desired.is_settling(error.path):
-                continue  # most likely a save still being written
             key = f"invalid:{error}"
+            if desired.is_settling(error.path):
+                # Most likely a save still being written: not reported yet, but not forgotten
+                # either if it already was (a late event makes a file settle again).
+                if key in self._reported:
+                    current.add(key)
+                continue
             current.add(key)
             if key not in self._reported:
                 self._log.error("manifest.invalid", path=error.path, line=error.line,

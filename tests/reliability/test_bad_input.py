@@ -188,8 +188,8 @@ def test_a_folder_of_bad_files_holds_every_job(tmp_path: Path, dev: DevProcess,
         (root / "claims.yaml").write_text(manifest("b-00", "other"))  # a broken file's name
         broken = len(nasty) + 2  # + dup.yaml and b-10.yaml (both claims of b-10)
         daemon.wait_for(lambda: len({e["path"] for e in daemon.named("manifest.invalid")})
-                        >= broken - 1, 30, "every broken file reported")
-        time.sleep(1.5)
+                        >= broken - 1, 60, "every broken file reported")
+        daemon.wait_quiet_after("manifest.invalid")  # nothing left settling or to change
         rss = rss_kib(daemon.process.pid)
     finally:
         daemon.stop()
