@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,3 +378,23 @@ def test_a_problem_is_reported_once_even_if_its_file_settles_again(rig: Rig) -> 
         for settling in (frozenset(), frozenset({"bad.yaml"}), frozenset()):
             asyncio.run(reconciler.run_pass(None, settling=settling))
     assert [e["path"] for e in events if e["event"] == "manifest.invalid"] == ["bad.yaml"]
+
+
+def test_a_removal_deferred_by_a_slow_pass_is_still_scheduled(rig: Rig) -> None:
+    """The daemon schedules the pass that cancels a removed file's job when its grace period
+    ends. A pass slower than the grace (a busy machine) used to find that moment already past
+    and schedule nothing, so the cancel waited for the next resync (a minute by default)."""
+    rig.write("keep.yaml", envelope("keep"))
+    rig.write("gone.yaml", envelope("gone"))
+    rig.apply()
+    (rig.root / "gone.yaml").unlink()
+    reconciler = Reconciler(FolderSource(rig.root), rig.store.as_store(), PlanPolicy())
+    reconciler.removal_grace = 0.05
+    _, deferred = reconciler.plan()
+    assert {d.name: d.action for d in deferred.decisions}["gone"] is Action.WAIT
+    time.sleep(0.1)  # the rest of the pass outlasts the grace period
+    check = reconciler.next_removal_check()
+    assert check is not None and check <= time.monotonic()  # due now: run it at once
+    _, later = reconciler.plan()
+    assert {d.name: d.action for d in later.decisions}["gone"] is Action.CANCEL
+    assert reconciler.next_removal_check() is None  # acted on: nothing more to schedule

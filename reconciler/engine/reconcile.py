@@ -79,6 +79,8 @@ class Reconciler:
         #: read that saw it missing. The daemon sets it; one-shot commands have one read only.
         self.removal_grace = 0.0
         self._missing_since: dict[str, float] = {}
+        #: When each removal the last plan deferred matures (monotonic).
+        self._deferred: dict[str, float] = {}
 
     def plan(
         self, policy: PlanPolicy | None = None, settling: frozenset[str] = frozenset()
@@ -92,18 +94,21 @@ class Reconciler:
 
     def _recently_missing(self, snapshot: Snapshot, records: list[Record]) -> frozenset[str]:
         if not self.removal_grace or not snapshot.ready:
+            self._deferred = {}
             return frozenset()
         now = time.monotonic()
         missing = {r.path for r in records if r.path not in snapshot.files}
         self._missing_since = {p: self._missing_since.get(p, now) for p in missing}
-        return frozenset(p for p, since in self._missing_since.items()
-                         if now - since < self.removal_grace)
+        self._deferred = {p: since + self.removal_grace
+                          for p, since in self._missing_since.items()
+                          if now - since < self.removal_grace}
+        return frozenset(self._deferred)
 
     def next_removal_check(self) -> float | None:
-        """When the earliest still-young removal matures (monotonic), if any."""
-        young = [since + self.removal_grace for since in self._missing_since.values()
-                 if since + self.removal_grace > time.monotonic()]
-        return min(young, default=None)
+        """When the earliest removal the last plan deferred matures (monotonic), if any. It may
+        lie in the past already: a pass slower than the grace period (a busy machine) must
+        still be followed by the pass that acts on the removal, not by the next resync."""
+        return min(self._deferred.values(), default=None)
 
     async def run_pass(
         self, executor: Executor | None, settling: frozenset[str] = frozenset()
