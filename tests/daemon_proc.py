@@ -43,7 +43,7 @@ class DaemonProcess:
         with self._lock:
             return [e for e in self.events if e.get("event") == name]
 
-    def wait_for(self, predicate: Callable[[], Any], timeout: float = 15.0,
+    def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0,
                  what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -62,7 +62,22 @@ class DaemonProcess:
         return any(e.get("changes") == 0 and e.get("waiting") == 0
                    for e in self.named("pass.completed"))
 
-    def wait_event(self, name: str, count: int = 1, timeout: float = 15.0) -> list[Event]:
+    def wait_quiet_after(self, event: str, timeout: float = 60.0) -> None:
+        """Wait for a quiet pass (see :meth:`quiet`) completed after the last ``event`` seen so
+        far: a condition, not a fixed sleep, so a busy machine only makes it take longer."""
+        with self._lock:
+            since = max((i for i, e in enumerate(self.events) if e.get("event") == event),
+                        default=-1)
+
+        def quiet_since() -> bool:
+            with self._lock:
+                later = self.events[since + 1 :]
+            return any(e.get("event") == "pass.completed" and e.get("changes") == 0
+                       and e.get("waiting") == 0 for e in later)
+
+        self.wait_for(quiet_since, timeout, f"a quiet pass after {event}")
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 60.0) -> list[Event]:
         self.wait_for(lambda: len(self.named(name)) >= count, timeout, f"{count} x {name}")
         return self.named(name)
 

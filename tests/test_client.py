@@ -1,7 +1,7 @@
 """The API client against a real dev requester process on a loopback port.
 
-Covers the status and error rows of CONTRACT sections 1.1-1.3 and 4, and asserts on what the
-requester recorded (its own list route), not only on what the client returned.
+Covers the status and error rows of docs/wire-legacy.md (Submit, Cancel, List), and asserts on
+what the requester recorded (its own list route), not only on what the client returned.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def by_name(dev: DevProcess) -> dict[str, list[str]]:
     return {name: sorted(states) for name, states in jobs.items()}
 
 
-def wait_until(check: Callable[[], object], timeout: float = 15.0) -> None:
+def wait_until(check: Callable[[], object], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "timed out"
@@ -77,7 +77,7 @@ def test_drop_edit_save_break_delete(tmp_path: Path, dev: DevProcess,
 
     write_atomic(root / "a.yaml", envelope("a").replace("engine: docker", "engine: [x"))
     daemon.wait_event("manifest.invalid")
-    time.sleep(0.5)
+    daemon.wait_quiet_after("manifest.invalid")  # the pass that held it, or a later one
     assert by_name(dev)["a"] == ["Cancelled", "New"]  # held, nothing cancelled
 
     (root / "a.yaml").unlink()
@@ -119,21 +119,22 @@ def test_delete_then_recreate_save_cancels_nothing(
     assert not daemon.named("job.cancelled")
 
 
-def test_burst_of_1000_files(tmp_path: Path, dev_factory: Callable[..., DevProcess],
-                             started: Callable[..., DaemonProcess]) -> None:
+@pytest.mark.parametrize("count", [300, pytest.param(1000, marks=pytest.mark.slow)])
+def test_burst_of_files(tmp_path: Path, dev_factory: Callable[..., DevProcess],
+                        started: Callable[..., DaemonProcess], count: int) -> None:
     dev = dev_factory("--job-duration", "600")
     root = tmp_path / "manifests"
     root.mkdir()
     (root / "seed.yaml").write_text(envelope("seed"))
     daemon = started(dev, env={"RECONCILER_CONCURRENCY": "16"})
-    for index in range(1000):
+    for index in range(count):
         (root / f"job-{index:04d}.yaml").write_text(envelope(f"job-{index:04d}"))
-    wait_until(lambda: len(dev.jobs()) >= 1001, timeout=120)
-    time.sleep(1.0)
+    wait_until(lambda: len(dev.jobs()) >= count + 1, timeout=120)
+    daemon.wait_quiet_after("job.submitted", timeout=120)
     jobs = by_name(dev)
-    assert len(jobs) == 1001
+    assert len(jobs) == count + 1
     assert all(states == ["New"] for states in jobs.values())
-    assert len(daemon.named("job.submitted")) == 1001
+    assert len(daemon.named("job.submitted")) == count + 1
 
 
 @pytest.mark.parametrize("below", ["", "jobs"], ids=["link-is-folder", "folder-below-link"])
@@ -163,14 +164,23 @@ def test_symlink_swaps_never_cancel_shared_jobs(tmp_path: Path, dev: DevProcess,
     for revision in range(1, 201):
         publish(revision)
         time.sleep(0.01)
-    wait_until(lambda: daemon.named("pass.completed")[-1].get("revision") == "rev-0200")
-    time.sleep(0.5)
+    # Generous: under load the daemon lags the publisher; only a quiet pass of the last
+    # revision proves every cancel it would ever make has been made.
+    daemon.wait_for(lambda: any(e.get("revision") == "rev-0200" and e.get("changes") == 0
+                                and e.get("waiting") == 0
+                                for e in daemon.named("pass.completed")),
+                    120, "a quiet pass of rev-0200")
     jobs = by_name(dev)
     for name in shared:
         assert jobs[name] == ["New"], (name, jobs[name])
     assert all(jobs[f"only-a-{i}"][-1] == "New" for i in range(3))
-    revisions = {e.get("revision") for e in daemon.named("pass.completed")}
+    passes = daemon.named("pass.completed")
+    revisions = {e.get("revision") for e in passes if e.get("state") != "not ready"}
     assert len(revisions) > 2 and all(r and r.startswith("rev-") for r in revisions)
+    # On a busy machine the publisher can swap the link under every attempt of a read: that
+    # pass is "not ready", has no revision and changes nothing (docs/operations-notes.md, Git
+    # sources). This was the failure seen under load, not a cancel.
+    assert all(e["changes"] == 0 for e in passes if e.get("state") == "not ready")
 
 
 def test_sigterm_mid_sync_then_restart_has_no_duplicates(
@@ -359,7 +369,7 @@ def test_requester_down_then_back(tmp_path: Path, dev_factory: Callable[..., Dev
     wait_until(lambda: by_name(back).get("b") == ["New"], timeout=20)
     [lost] = daemon.wait_event("job.lost")
     assert lost["name"] == "a"
-    time.sleep(1.0)
+    daemon.wait_quiet_after("job.lost")  # a whole pass after the loss was recorded
     assert "a" not in by_name(back)  # lost, and onFailure=none: not blindly resubmitted
     assert not daemon.named("job.cancelled")
     assert daemon.process.poll() is None
@@ -370,11 +380,13 @@ def test_poll_mode_sees_changes(tmp_path: Path, dev: DevProcess,
     root = tmp_path / "manifests"
     root.mkdir()
     (root / "a.yaml").write_text(envelope("a"))
-    started(dev, "--watch", "poll")
+    # No periodic resync within the test: only the polling watcher can see these changes, so
+    # the timeouts can be generous (a busy machine slows polling; it does not stop it).
+    started(dev, "--watch", "poll", env={"RECONCILER_RESYNC_INTERVAL": "3600"})
     (root / "b.yaml").write_text(envelope("b"))
-    wait_until(lambda: by_name(dev).get("b") == ["New"], timeout=3)
-    (root / "a.yaml").unlink()  # cancelled once the removal grace (2 s) is over
-    wait_until(lambda: by_name(dev).get("a") == ["Cancelled"], timeout=5)
+    wait_until(lambda: by_name(dev).get("b") == ["New"])
+    (root / "a.yaml").unlink()
+    wait_until(lambda: by_name(dev).get("a") == ["Cancelled"])
 
 
 def test_run_dev_quick_start(tmp_path: Path) -> None:

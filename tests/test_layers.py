@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parents[1] / "reconciler"
 CONCRETE = ("store", "backends", "sources")
 #: Modules of those packages that build nothing: the signer's protocol and key helpers.
 SHARED = {"reconciler.backends.signing"}
-#: What only a backend may know of the legacy API (CONTRACT section 5 states, the uid tag).
+#: What only a backend may know of the legacy API (docs/wire-legacy.md, Job states; the uid tag).
 LEGACY_WORDS = {"New", "Queued", "InProgress", "Completed", "Error", "Cancelled", "Undefined"}
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,8 +58,23 @@ policies = st.builds(PlanPolicy, allow_empty=st.booleans(), mass_cancel_min=st.i
                      allow_mass_cancel=st.booleans())
 
 
-@settings(max_examples=2000)
-@given(worlds(), policies)
+def property_test(
+    examples: int, *strategies: st.SearchStrategy[Any]
+) -> Callable[[Callable[..., None]], Callable[[int], None]]:
+    """A hypothesis property run with a fifth of ``examples`` in the default suite and all of
+    them under ``-m slow``: the quick form finds the same rule breaks (each was checked by
+    breaking the planner), the full one searches harder before a release."""
+    def decorate(body: Callable[..., None]) -> Callable[[int], None]:
+        @pytest.mark.parametrize("examples", [
+            pytest.param(max(100, examples // 5), id="quick"),
+            pytest.param(examples, id="full", marks=pytest.mark.slow)])
+        def run(examples: int) -> None:
+            settings(max_examples=examples)(given(*strategies)(body))()
+        return run
+    return decorate
+
+
+@property_test(2000, worlds(), policies)
 def test_invalid_manifests_never_lose_their_jobs(world: tuple[Desired, list[Record]],
                                                  policy: PlanPolicy) -> None:
     desired, records = world
@@ -71,8 +88,7 @@ def test_invalid_manifests_never_lose_their_jobs(world: tuple[Desired, list[Reco
             assert decision.action is Action.HOLD, decision
 
 
-@settings(max_examples=2000)
-@given(worlds(), policies)
+@property_test(2000, worlds(), policies)
 def test_never_cancels_what_it_has_no_record_of(world: tuple[Desired, list[Record]],
                                                 policy: PlanPolicy) -> None:
     desired, records = world
@@ -85,8 +101,7 @@ def test_never_cancels_what_it_has_no_record_of(world: tuple[Desired, list[Recor
     assert len({d.name for d in result.decisions}) == len(result.decisions)
 
 
-@settings(max_examples=1000)
-@given(worlds(), policies)
+@property_test(1000, worlds(), policies)
 def test_mass_cancel_guard_bounds_cancels(world: tuple[Desired, list[Record]],
                                           policy: PlanPolicy) -> None:
     desired, records = world
@@ -98,8 +113,7 @@ def test_mass_cancel_guard_bounds_cancels(world: tuple[Desired, list[Record]],
     assert result.blocked == bool(result.by_action(Action.BLOCKED))
 
 
-@settings(max_examples=500)
-@given(worlds(), policies, st.sampled_from(["missing", "empty"]))
+@property_test(500, worlds(), policies, st.sampled_from(["missing", "empty"]))
 def test_not_ready_source_changes_nothing(world: tuple[Desired, list[Record]],
                                           policy: PlanPolicy, why: str) -> None:
     _, records = world
@@ -180,11 +194,26 @@ def test_a_submission_in_doubt_is_resolved_and_the_plan_says_what_follows() -> N
     assert "forget it once it is confirmed absent" in decisions["b"].reason
 
 
-@settings(max_examples=500)
-@given(worlds(), policies)
+@property_test(500, worlds(), policies)
 def test_every_resolve_says_what_follows_an_absence(world: tuple[Desired, list[Record]],
                                                      policy: PlanPolicy) -> None:
     desired, records = world
     for decision in plan(desired, records, policy, 1000.0).by_action(Action.RESOLVE):
         expected = Action.RESUBMIT if decision.name in desired.manifests else Action.FORGET
         assert decision.if_absent is expected
+
+
+def test_mass_cancel_guard_at_its_bounds() -> None:
+    """The guard's edges, exactly: the property above samples them only now and then."""
+    def cancels(removed: int, live: int, policy: PlanPolicy) -> tuple[int, int]:
+        keep = {f"k{i}": manifest(f"k{i}", HASHES[0], f"k{i}.yaml") for i in range(live - removed)}
+        records = [Record(f"k{i}", Phase.ACTIVE, HASHES[0], f"k{i}.yaml", job_id=f"j{i}")
+                   for i in range(live)]
+        result = plan(Desired(True, manifests=keep, file_count=1), records, policy, now=0)
+        return len(result.by_action(Action.CANCEL)), len(result.by_action(Action.BLOCKED))
+
+    default = PlanPolicy(mass_cancel_min=3, mass_cancel_ratio=0.5)
+    assert cancels(3, 4, default) == (3, 0)  # not more than mass_cancel_min
+    assert cancels(4, 8, default) == (4, 0)  # more than the minimum, not more than the ratio
+    assert cancels(4, 7, default) == (0, 4)  # more than both: blocked
+    assert cancels(4, 7, PlanPolicy(allow_mass_cancel=True)) == (4, 0)

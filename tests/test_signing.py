@@ -1,4 +1,4 @@
-"""Signing: the shared vectors, our own envelopes, checked by an independent verifier."""
+"""Signing: the fixture vectors, our own envelopes, checked by an independent verifier."""
 
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ import pytest
 from reconciler.backends.signing import KeyFileError, load_signer, signed_body, write_new_key
 from reconciler.devnet.envelope import EnvelopeError, raw_members, verify_envelope
 
-VECTORS = sorted((Path(__file__).parents[2] / "shared/bacalhau/vectors").glob("*.json"))
-if not VECTORS:  # CI lays shared/ beside the clone; a checkout elsewhere may have it one up.
-    VECTORS = sorted((Path(__file__).parents[1] / "../shared/bacalhau/vectors").glob("*.json"))
+VECTORS = sorted((Path(__file__).parent / "fixtures/vectors").glob("*.json"))
 
 
-# --- an independent verifier: CONTRACT section 2, from first principles -------------------
+# --- an independent verifier: docs/wire-legacy.md "Signing", from first principles ---------
 
 
 def _der_read(data: bytes, pos: int) -> tuple[int, int, int]:
@@ -70,7 +68,7 @@ def _payload_span(body: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=lambda p: p.name)
-def test_shared_vectors_verify(vector: Path) -> None:
+def test_fixture_vectors_verify(vector: Path) -> None:
     data = json.loads(vector.read_text())
     verified = verify_envelope(data["http_body"].encode())
     assert verified.client_id == data["client_id"]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from reconciler.domain.manifest import load_file
 from reconciler.domain.spec import ValidationError, parse_spec, spec_hash, to_wire
 
-EXAMPLES = Path(__file__).parents[2] / "shared/bacalhau/examples"
+EXAMPLES = Path(__file__).parent / "fixtures/examples"
 
 
 def errors_of(data: object) -> list[tuple[str, str]]:

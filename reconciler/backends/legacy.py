@@ -102,7 +102,8 @@ class WireJob:
     @classmethod
     def from_wire(cls, item: Any) -> WireJob:
         """One item of a list reply; :class:`MalformedReply` unless it has the contract's
-        shape (CONTRACT 1.3). Absent optional parts take their zero values, as Go sends them."""
+        shape (docs/wire-legacy.md, List). Absent optional parts take their zero values, as Go
+        sends them."""
         job = _object(item, "Job", required=True)
         metadata = _object(job, "Metadata", required=True)
         annotations = _object(job, "Spec").get("Annotations") or []
@@ -144,7 +145,7 @@ def _text(parent: Mapping[str, Any], key: str) -> str:
 
 
 def _job_state(reply: _Reply, operation: str) -> str:
-    """``state.State`` of a cancel or states reply (CONTRACT 1.2, section 5)."""
+    """``state.State`` of a cancel or states reply (docs/wire-legacy.md, Cancel and Job states)."""
     if not isinstance(reply.body, Mapping):
         raise MalformedReply(f"{operation}: the reply is not a JSON object")
     return _text(_object(reply.body, "state", required=True), "State") or "Undefined"
@@ -302,7 +303,7 @@ class ApiClient:
         should_bid: bool = True,
         reason: str = "",
     ) -> None:
-        """Post a signed ``ModerateJobRequest`` to a compute node (CONTRACT section 3)."""
+        """Post a signed ``ModerateJobRequest`` to a compute node (docs/wire-legacy.md, Approve)."""
         url = node_url.rstrip("/") + self._prefix + "/compute/approve"
         await self.approve_at(url, job_id, should_bid=should_bid, reason=reason)
 
@@ -324,7 +325,8 @@ class ApiClient:
         try:
             return await self._post("submit", "/requester/submit", body)
         except ServerError as exc:
-            # A 5xx after the handler ran may come after the job was stored (CONTRACT 1.1).
+            # A 5xx after the handler ran may come after the job was stored
+            # (docs/wire-legacy.md, Submit).
             raise OutcomeUnknown(str(exc), status=exc.status, job_id=exc.job_id) from exc
         except _SentNoReply as exc:
             raise OutcomeUnknown(f"submit: reply lost ({exc})") from exc

@@ -3,9 +3,9 @@
 Everything the engine must not know about this API lives here: the uid travels as the
 annotation ``reconciler-uid:<uid>`` (with three more that name the manifest for people reading
 ``bacalhau list``); jobs are found by listing those tags, 500 to a request; and the API's state
-names are mapped onto :class:`~reconciler.ports.JobPhase` (CONTRACT section 5: New, Queued and
-InProgress run; Completed, Error and Cancelled are terminal; anything else, ``Undefined``
-included, is ``UNKNOWN``).
+names are mapped onto :class:`~reconciler.ports.JobPhase` (docs/wire-legacy.md, Job states:
+New, Queued and InProgress run; Completed, Error and Cancelled are terminal; anything else,
+``Undefined`` included, is ``UNKNOWN``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ JOB_PHASES = {
     "Error": JobPhase.FAILED,
     "Cancelled": JobPhase.CANCELLED,
 }
-#: The state a job is created in (CONTRACT section 5); a submit's reply does not carry it.
+#: The state a job is created in (docs/wire-legacy.md, Job states); a submit's reply does not
+#: carry it.
 SUBMITTED_STATE = "New"
 
 

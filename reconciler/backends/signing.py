@@ -1,4 +1,5 @@
-"""Keys, client ids and signed envelopes, byte for byte as Bacalhau does them (CONTRACT section 2).
+"""Keys, client ids and signed envelopes, byte for byte as Bacalhau does them
+(docs/wire-legacy.md, Signing).
 
 Two key types, told apart by the key file itself:
 

@@ -1,4 +1,5 @@
-"""What the requester checks in a submitted payload, as its Go code does (CONTRACT 5-6).
+"""What the requester checks in a submitted payload, as its Go code does
+(docs/wire-legacy.md, Job states, Validation on submit).
 
 Deliberately independent of :mod:`reconciler.domain.spec`: the dev requester must judge our client's
 requests the way the real server would, not the way our own models would.

@@ -1,4 +1,4 @@
-"""Checking a signed envelope the way the requester does (CONTRACT section 2): the dev
+"""Checking a signed envelope the way the requester does (docs/wire-legacy.md, Signing): the dev
 requester's side of :mod:`reconciler.backends.signing`, which only signs.
 
 It lives here, not beside the signer, so the daemon never carries server-side code; tests use
@@ -85,7 +85,7 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def verify_envelope(body: bytes) -> VerifiedEnvelope:
-    """Check an envelope in the server's order (CONTRACT section 2): decode, require a
+    """Check an envelope in the server's order (docs/wire-legacy.md, Signing): decode, require a
     payload, verify the signature over its raw bytes, decode it, match ClientID to the key."""
     members = raw_members(body)
     raw = members.get("payload")

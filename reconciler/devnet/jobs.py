@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL = frozenset({"Completed", "Error", "Cancelled"})
-NO_TIMEOUT = 9223372036  # what the requester shows for "no timeout" (CONTRACT 6.7)
+# What the requester shows for "no timeout" (docs/wire-legacy.md, Validation on submit).
+NO_TIMEOUT = 9223372036
 
 
 def rfc3339(epoch: float) -> str:
@@ -138,7 +139,8 @@ def _history(job_id: str, previous: str, new: str, comment: str) -> dict[str, An
 
 
 def apply_transforms(spec: dict[str, Any]) -> dict[str, Any]:
-    """The requester's transforms after validation (CONTRACT 6.7) and its echo shape (1.1)."""
+    """The requester's transforms after validation and its echo shape
+    (docs/wire-legacy.md, Validation on submit)."""
     out = dict(spec)
     if int(out.get("Timeout") or 0) <= 0:
         out["Timeout"] = NO_TIMEOUT
@@ -196,7 +198,7 @@ class JobStore:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None and len(job_id) == 8:
-                # The in-memory store resolves 8-character short ids (CONTRACT 1.2).
+                # The in-memory store resolves 8-character short ids (docs/wire-legacy.md, Cancel).
                 job = next((j for j in self._jobs.values() if j.job_id.startswith(job_id)), None)
             if job is not None:
                 self._refresh(job)

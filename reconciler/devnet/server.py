@@ -1,9 +1,10 @@
 """The dev requester: a local server with Bacalhau's legacy wire contract, for trials and tests.
 
-Routes are served at the root and under ``/api/v1`` (CONTRACT section 1); every method is
-accepted, as the Go mux does. Replies are JSON sent as ``text/plain; charset=utf-8``; errors of
-signed endpoints are the ``{"Code","Message","Details","Err"}`` envelope, those of unsigned ones
-plain text. A compute-node side serves ``/compute/approve`` for jobs waiting for approval.
+Routes are served at the root and under ``/api/v1`` (docs/wire-legacy.md, Common behaviour); every
+method is accepted, as the Go mux does. Replies are JSON sent as ``text/plain; charset=utf-8``;
+errors of signed endpoints are the ``{"Code","Message","Details","Err"}`` envelope, those of
+unsigned ones plain text. A compute-node side serves ``/compute/approve`` for jobs waiting for
+approval.
 
 Fault injection (for the reliability suite): ``error_rate`` answers a share of requests 500,
 503 or 429 before doing anything; ``latency`` delays every request; ``fail_after_store`` stores
@@ -106,7 +107,8 @@ def json_reply(status: int, value: Any, **headers: str) -> Reply:
 
 
 def error_envelope(status: int, message: str, code: str = "", **headers: str) -> Reply:
-    # http.Error writes the JSON text with a trailing newline as text/plain (CONTRACT 0).
+    # http.Error writes the JSON text with a trailing newline as text/plain
+    # (docs/wire-legacy.md, Where the published API description is wrong).
     envelope = {"Code": code or _default_code(status), "Message": message, "Details": None,
                 "Err": message}
     return json_reply(status, envelope, **headers)
@@ -255,7 +257,7 @@ class DevRequester:
         return self._after_store(job)
 
     async def _ask_probe(self, job: Job, callback: str) -> None:
-        """The compute node's external HTTP bid strategy (CONTRACT section 3)."""
+        """The compute node's external HTTP bid strategy (docs/wire-legacy.md, Approve)."""
         assert self.config.probe_url is not None
         body = {"node_id": "QmDevCompute", "job_id": job.job_id, "spec": job.spec,
                 "callback": callback}
@@ -390,7 +392,7 @@ def _filter_jobs(jobs: list[Job], request: dict[str, Any]) -> list[Job]:
         jobs = [j for j in jobs if not exclude.intersection(j.annotations)]
     limit = request.get("max_jobs") or 0
     if isinstance(limit, int) and limit > 0:
-        jobs = jobs[:limit]  # limit, then sort: not "the newest N" (CONTRACT 1.3)
+        jobs = jobs[:limit]  # limit, then sort: not "the newest N" (docs/wire-legacy.md, List)
     if request.get("sort_by") == "id":
         jobs.sort(key=lambda j: j.job_id, reverse=bool(request.get("sort_reverse")))
     else:

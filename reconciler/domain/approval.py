@@ -1,5 +1,5 @@
 """Approval policy: which jobs a compute node may run, decided by rules in ``kind:
-ApprovalPolicy`` manifests (CONTRACT section 3).
+ApprovalPolicy`` manifests (docs/wire-legacy.md, Approve).
 
 A compute node started with ``--job-selection-probe-http`` asks the daemon's probe about each
 job; :func:`decide` answers ``approve``, ``reject`` (with a reason) or ``manual`` (the request is

@@ -3,14 +3,15 @@
 Input is read the way Bacalhau's Go decoder reads it, with two additions for manifests
 written by hand:
 
-* keys match case-insensitively (``image`` fills ``Image``) and the seed SDK's snake_case
+* keys match case-insensitively (``image`` fills ``Image``) and the Speakeasy SDK's snake_case
   names are accepted too (``storage_source`` fills ``StorageSource``);
 * enum values are case-insensitive (``docker`` is ``Docker``);
 * unknown keys are *rejected* (Go ignores them), because in a manifest they are typos that
   would silently change the job.
 
-Validation rejects what the requester rejects (CONTRACT section 6) and what would only fail
-later on a compute node (a Docker job without an image, a Wasm job without a module).
+Validation rejects what the requester rejects (docs/wire-legacy.md, Validation on submit) and
+what would only fail later on a compute node (a Docker job without an image, a Wasm job without
+a module).
 
 The wire form (:func:`to_wire`) uses the Go names (``CID``, ``URL``, ``VersionID``...) and
 string enums, and leaves out empty values, so two files that would send the same bytes have
@@ -101,7 +102,8 @@ E = TypeVar("E", bound=StrEnum)
 def _enum_reader(enum: type[E]) -> Callable[[object], E]:
     """A before-validator that reads an enum by name, ignoring case and surrounding space.
 
-    Numbers are refused: the server rejects ``Engine: 2`` with a 400 (CONTRACT section 0).
+    Numbers are refused: the server rejects ``Engine: 2`` with a 400 (docs/wire-legacy.md,
+    Where the published API description is wrong).
     """
     by_key = {member.value.lower(): member for member in enum}
     names = ", ".join(member.value for member in enum)
@@ -283,7 +285,8 @@ class Deal(WireModel):
 
     @model_validator(mode="after")
     def _concurrency_fits_mode(self) -> Self:
-        # The requester checks the Deal first and returns its error alone (CONTRACT 6.4).
+        # The requester checks the Deal first and returns its error alone
+        # (docs/wire-legacy.md, Validation on submit).
         if not self.targeting_mode and self.concurrency < 1:
             raise ValueError("Concurrency: concurrency must be >= 1")
         if self.targeting_mode and self.concurrency not in (0, 1):
@@ -362,7 +365,7 @@ def to_wire(spec: Spec) -> dict[str, Any]:
     """The Spec as Bacalhau's JSON decoder reads it: Go names, string enums, no empties.
 
     The deprecated ``Publisher`` is left out: it was copied into ``PublisherSpec.Type``, and
-    the requester sets it from there anyway (CONTRACT 6.7).
+    the requester sets it from there anyway (docs/wire-legacy.md, Validation on submit).
     """
     return spec.model_dump(mode="json", exclude={"publisher"})
 

@@ -1,6 +1,6 @@
 """The executor: carries a :class:`~reconciler.domain.plan.Plan` out through a backend, durably.
 
-Order of every remote effect (ops.md 4.2, anchors section 2):
+Order of every remote effect (docs/operations-notes.md, Intent before effect):
 
 1. commit an intent (a record in phase ``submitting`` with a fresh uid, or ``cancelling``);
    the intents of up to ``INTENT_BATCH`` actions share one durable commit;

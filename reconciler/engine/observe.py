@@ -4,9 +4,9 @@ Active jobs are found by their uids (the legacy backend lists their annotations,
 request, so a reply holds only the jobs asked about: one list of all our jobs grew with every
 replaced or ended job the requester keeps; 10,000 manifests after 10,000 changes: 20,000 jobs,
 ~22 MB of JSON and a 60 MB RSS peak per poll). A job missing from the answer is asked about by
-id, because an empty or short answer is not proof of absence (CONTRACT 1.3); only an explicit
-"not found" marks it ``lost``. The planner then decides what follows (resubmit or not, by the
-manifest's policy).
+id, because an empty or short answer is not proof of absence (docs/wire-legacy.md, List); only
+an explicit "not found" marks it ``lost``. The planner then decides what follows (resubmit or
+not, by the manifest's policy).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One pass: read the source, collect desired state, plan against the store, apply, report.
 
 The one-shot commands (``plan``, ``apply``, ``status``) and the daemon all go through
-:class:`Reconciler`, so a preview is made by the same code that acts (anchors P15).
+:class:`Reconciler`, so a preview is made by the same code that acts
+(docs/operations-notes.md, Lessons from other reconcilers).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class Reconciler:
         self._missing_since: dict[str, float] = {}
         #: Whether the last read found files the source says may still be being written.
         self.source_settling = False
+        #: When each removal the last plan deferred matures (monotonic).
+        self._deferred: dict[str, float] = {}
 
     def plan(
         self, policy: PlanPolicy | None = None, settling: frozenset[str] = frozenset()
@@ -108,18 +111,21 @@ class Reconciler:
 
     def _recently_missing(self, snapshot: Snapshot, records: list[Record]) -> frozenset[str]:
         if not self.removal_grace or not snapshot.ready:
+            self._deferred = {}
             return frozenset()
         now = self._monotonic()
         missing = {r.path for r in records if r.path not in snapshot.files}
         self._missing_since = {p: self._missing_since.get(p, now) for p in missing}
-        return frozenset(p for p, since in self._missing_since.items()
-                         if now - since < self.removal_grace)
+        self._deferred = {p: since + self.removal_grace
+                          for p, since in self._missing_since.items()
+                          if now - since < self.removal_grace}
+        return frozenset(self._deferred)
 
     def next_removal_check(self) -> float | None:
-        """When the earliest still-young removal matures (monotonic), if any."""
-        young = [since + self.removal_grace for since in self._missing_since.values()
-                 if since + self.removal_grace > self._monotonic()]
-        return min(young, default=None)
+        """When the earliest removal the last plan deferred matures (monotonic), if any. It may
+        lie in the past already: a pass slower than the grace period (a busy machine) must
+        still be followed by the pass that acts on the removal, not by the next resync."""
+        return min(self._deferred.values(), default=None)
 
     async def run_pass(
         self, executor: Executor | None, settling: frozenset[str] = frozenset()
@@ -179,9 +185,11 @@ class Reconciler:
         for error in desired.errors:
             key = f"invalid:{error}"
             if desired.is_settling(error.path):
-                if key in self._reported:  # reported already: a late event must not repeat it
+                # Most likely a save still being written: not reported yet, but not forgotten
+                # either if it already was (a late event makes a file settle again).
+                if key in self._reported:
                     current.add(key)
-                continue  # most likely a save still being written
+                continue
             current.add(key)
             if key not in self._reported:
                 self._log.error("manifest.invalid", path=error.path, line=error.line,

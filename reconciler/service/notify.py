@@ -1,4 +1,5 @@
-"""The systemd notification protocol, spoken directly (no libsystemd; ops.md 2.1).
+"""The systemd notification protocol, spoken directly (no libsystemd;
+docs/operations-notes.md, systemd).
 
 One datagram of ``KEY=VALUE`` lines per message to ``$NOTIFY_SOCKET`` (a path, or an abstract
 socket written with a leading ``@``). Outside systemd every call is a silent no-op.

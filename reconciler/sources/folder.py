@@ -1,12 +1,13 @@
 """Reading the manifests folder as one consistent snapshot.
 
 A folder that is missing, not a directory or unreadable is *not ready*: never "zero manifests"
-(anchors P1, P14). A subdirectory or file that cannot be read is reported as broken, so the
-jobs it produced are held rather than cancelled.
+(docs/operations-notes.md, Lessons from other reconcilers). A subdirectory or file that cannot
+be read is reported as broken, so the jobs it produced are held rather than cancelled.
 
 When the folder is, or lies below, a symlink that an external syncer swaps (git-sync and
 friends), the link is resolved once, the tree is read through a directory fd pinned to that
-target, and the link is read again afterwards; if it moved, the read starts over (ops.md 3.3).
+target, and the link is read again afterwards; if it moved, the read starts over
+(docs/operations-notes.md, Git sources).
 A file or directory that vanishes mid-read also restarts the read, so a listing is never
 silently incomplete. The link target's name is the snapshot's revision.
 

@@ -1,11 +1,11 @@
 """A git repository as the source: fetched into the state directory, read from snapshots.
 
-The daemon never reads a live checkout (ops.md 3.2-3.3). Each fetch updates a bare repository
-under ``<state dir>/git``; each new commit is exported (``git archive <commit>:<path>``) into
-``snapshots/<commit>`` — written to a temporary folder and renamed, so it is complete or absent
-— and published by renaming a symlink ``current`` over the old one. Reading goes through
-:class:`~reconciler.sources.folder.FolderSource` on that symlink, whose pinned read makes the commit
-hash (the link target's name) the snapshot's revision.
+The daemon never reads a live checkout (docs/operations-notes.md, Git sources). Each fetch updates a
+bare repository under ``<state dir>/git``; each new commit is exported (``git archive
+<commit>:<path>``) into ``snapshots/<commit>`` — written to a temporary folder and renamed, so it is
+complete or absent — and published by renaming a symlink ``current`` over the old one. Reading goes
+through :class:`~reconciler.sources.folder.FolderSource` on that symlink, whose pinned read makes
+the commit hash (the link target's name) the snapshot's revision.
 
 A failed fetch (network, auth, a missing ref) makes the source *not ready*: the planner then
 cancels nothing, the last good snapshot stays on disk, and fetches are retried with backoff. A

@@ -1,4 +1,5 @@
-"""File-system events as hints: any accepted event only asks for a pass (ops.md 1.3).
+"""File-system events as hints: any accepted event only asks for a pass (docs/operations-notes.md,
+File events are hints).
 
 inotify (watchdog's ``Observer``) by default; ``poll`` for NFS and other file systems where
 inotify sees nothing. The event filter keeps the daemon's own reads from producing events.

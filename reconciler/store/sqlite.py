@@ -1,6 +1,6 @@
 """The state store: one SQLite file holding a record per managed name.
 
-Durability rules (ops.md 4.1-4.2):
+Durability rules (docs/operations-notes.md, SQLite durability, Intent before effect):
 
 * WAL journal; an explicit ``BEGIN IMMEDIATE`` per transaction; one writer connection.
 * Intents (what we are about to do remotely) are committed with ``synchronous=FULL``, so they

@@ -1,8 +1,10 @@
 """Shared pieces of the reliability suite: quick/full sizes, seeds, figures, audits.
 
-Every scenario runs a short form by default (CI) and the full form with RELIABILITY_FULL=1
-(``tests/reliability/run_full.sh``). Seeds come from RELIABILITY_SEED or the clock and are
-printed, so a failure can be replayed. Each scenario prints one ``FIGURES`` line.
+Every scenario with a long form runs twice over the ``scale`` fixture (``conftest.py``): the short
+form by default (CI), the full form marked ``slow`` (``-m slow``, or
+``tests/reliability/run_full.sh``, which also sets RELIABILITY_FULL=1 for the sizes fixed at
+import, such as hypothesis's example counts). Seeds come from RELIABILITY_SEED or the clock and
+are printed, so a failure can be replayed. Each scenario prints one ``FIGURES`` line.
 """
 
 from __future__ import annotations
@@ -15,10 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FULL = os.environ.get("RELIABILITY_FULL") == "1"
+_scale = {"full": FULL}
+
+
+def use_full(full: bool) -> None:
+    """Set by the ``scale`` fixture for the test about to run."""
+    _scale["full"] = full
 
 
 def size(quick: int, full: int) -> int:
-    return full if FULL else quick
+    return full if _scale["full"] else quick
 
 
 def seeded(scenario: str) -> random.Random:
@@ -29,7 +37,7 @@ def seeded(scenario: str) -> random.Random:
 
 def figures(scenario: str, **values: object) -> None:
     text = " ".join(f"{k}={v}" for k, v in values.items())
-    print(f"FIGURES {scenario} full={int(FULL)} {text}", flush=True)
+    print(f"FIGURES {scenario} full={int(_scale['full'])} {text}", flush=True)
 
 
 def manifest(name: str, image: str, policy: str = "") -> str:

@@ -7,8 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ -x .venv/bin/python ] || { echo "run scripts/test once first (it creates .venv)"; exit 2; }
 log=$(mktemp /tmp/reliability-full.XXXXXX)
-RELIABILITY_FULL=1 .venv/bin/python -m pytest tests/reliability -q -s -p no:cacheprovider \
-    --timeout 3600 "$@" 2>&1 | tee "$log"
+RELIABILITY_FULL=1 .venv/bin/python -m pytest tests/reliability -m "not quick" -q -s \
+    -p no:cacheprovider --timeout 3600 "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 echo
 echo "== figures =="

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
@@ -22,10 +23,11 @@ def requests_sent(metrics_url: str) -> float:
                                             flags=re.MULTILINE))
 
 
+@pytest.mark.usefixtures("scale")
 def test_flaky_then_absent_requester(tmp_path: Path, dev_factory: Callable[..., DevProcess],
                                      rsa_key: Path) -> None:
     rng = seeded("flaky")
-    count, down_for = size(40, 200), size(6, 30)
+    count, down_for = size(20, 200), size(3, 30)
     latency = "0.3" if size(0, 1) == 0 else "2.0"
     dev = dev_factory("--error-rate", "0.3", "--latency", latency, "--seed",
                       str(rng.randrange(2**31)), "--job-duration", "3600")

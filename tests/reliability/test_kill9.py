@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import audit, figures, manifest, seeded, size
@@ -21,10 +23,11 @@ def converge(args: list[str], timeout: float = 180) -> tuple[DaemonProcess, floa
     return daemon, time.monotonic() - started
 
 
+@pytest.mark.usefixtures("scale")
 def test_kill9_anywhere(tmp_path: Path, dev_factory: Callable[..., DevProcess],
                         rsa_key: Path) -> None:
     rng = seeded("kill9")
-    count, trials = size(150, 500), size(5, 30)
+    count, trials = size(80, 500), size(3, 30)
     dev = dev_factory("--latency", "0.004", "--job-duration", "3600")
     root = tmp_path / "manifests"
     root.mkdir()

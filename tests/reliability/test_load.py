@@ -8,15 +8,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
 from tests.reliability.common import audit, figures, manifest, rss_kib, seeded, size
 
 
+@pytest.mark.usefixtures("scale")
 def test_steady_changes_under_load(tmp_path: Path, dev_factory: Callable[..., DevProcess],
                                    rsa_key: Path) -> None:
     rng = seeded("load")
-    count, per_minute, minutes = size(2000, 10000), size(300, 1000), size(1, 10)
+    count, per_minute, seconds = size(300, 10000), size(300, 1000), size(10, 600)
     dev = dev_factory("--job-duration", "360000")
     root = tmp_path / "manifests"
     root.mkdir()
@@ -34,7 +37,7 @@ def test_steady_changes_under_load(tmp_path: Path, dev_factory: Callable[..., De
         version, changes = 0, 0
         load_started = time.monotonic()
         passes_before = len(daemon.named("pass.completed"))
-        for second in range(minutes * 60):
+        for second in range(seconds):
             # exactly per_minute a minute, the remainder spread over the seconds
             due = per_minute * (second + 1) // 60 - per_minute * second // 60
             for name in rng.sample(sorted(wanted), due):
@@ -53,12 +56,12 @@ def test_steady_changes_under_load(tmp_path: Path, dev_factory: Callable[..., De
             if result.clean:
                 break
             time.sleep(1)
-        lag = time.monotonic() - (load_started + minutes * 60)
+        lag = time.monotonic() - (load_started + seconds)
         rss.append(rss_kib(daemon.process.pid))
     finally:
         daemon.stop()
     durations = [e["duration_ms"] for e in daemon.named("pass.completed")[passes_before:]]
-    figures("load", manifests=count, changes=changes, minutes=minutes,
+    figures("load", manifests=count, changes=changes, minutes=round(seconds / 60, 2),
             first_sync_s=round(synced, 1), catch_up_s=round(lag, 1),
             duplicates=result.duplicates, stale=result.stale, lost=result.lost,
             rss_mib_start=round(rss[0] / 1024, 1), rss_mib_max=round(max(rss) / 1024, 1),

@@ -18,10 +18,11 @@ from tests.reliability.common import audit, figures, manifest, seeded, size
 @pytest.mark.parametrize("fault", [["--fail-after-store", "0.4"], ["--drop-rate", "0.4"],
                                    ["--submit-latency", "1.5"]],
                          ids=["500-after-store", "dropped", "late-reply"])
+@pytest.mark.usefixtures("scale")
 def test_lost_replies(tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path,
                       fault: list[str]) -> None:
     rng = seeded("lost-replies")
-    count = size(60, 300)
+    count = size(30, 300)
     dev = dev_factory(*fault, "--seed", str(rng.randrange(2**31)), "--job-duration", "3600")
     root = tmp_path / "manifests"
     root.mkdir()
