@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.app.wiring import open_store
 from reconciler.backends.legacy import WireJob
 from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.signing import KeyFileError, check_key_permissions, load_signer
@@ -248,7 +249,7 @@ def test_store_files_are_private_in_an_existing_folder(tmp_path: Path) -> None:
     folder.mkdir(mode=0o755)
     old_umask = os.umask(0o022)
     try:
-        with Store(folder / "state.db") as store:
+        with open_store(folder / "state.db") as store:  # the lease takes the lock file
             store.commit_intents([Record("a", Phase.ACTIVE, "h" * 64, "a.yaml")])
             names = sorted(p.name for p in folder.iterdir())
             assert names == ["state.db", "state.db-shm", "state.db-wal", "state.db.lock"]
@@ -257,7 +258,7 @@ def test_store_files_are_private_in_an_existing_folder(tmp_path: Path) -> None:
         # A store an older version left readable by others is tightened on open.
         for path in folder.iterdir():
             path.chmod(0o644)
-        with Store(folder / "state.db") as store:
+        with open_store(folder / "state.db") as store:
             assert store.records()
             modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
         assert set(modes.values()) == {0o600}, modes
