@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from reconciler.app.cli import main
+from reconciler.backends.errors import InvalidRequest
 from reconciler.backends.legacy_jobs import job_annotations
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import Action, PlanPolicy
@@ -292,6 +294,18 @@ def test_failed_resubmits_wait_for_their_backoff(rig: Rig) -> None:
     rig.apply(backoff_base=3600.0)
     assert rig.states("r") == ["Error"]  # the backoff is not over
     assert rig.plan_actions(backoff_base=3600.0)["r"] is Action.WAIT
+
+
+def test_a_refused_submit_says_when_it_is_retried_in_iso_8601(rig: Rig) -> None:
+    """``retry_at`` is a time people read in logs: ISO 8601 UTC like ``timestamp``, not an
+    epoch float (issue 12)."""
+    rig.write("r.yaml", envelope("r"))
+    rig.requester.fail_next("submit", InvalidRequest("submit: refused"))
+    applied = rig.apply(backoff_base=60.0)
+    [failed] = applied.named("action.failed")
+    assert failed["action"] == "submit"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", failed["retry_at"])
+    assert rig.records()["r"].phase is Phase.ERROR
 
 
 # --- invariant 1: no duplicate jobs -------------------------------------------------------
