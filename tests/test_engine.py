@@ -294,6 +294,10 @@ def test_failed_resubmits_wait_for_their_backoff(rig: Rig) -> None:
     rig.apply(backoff_base=3600.0)
     assert rig.states("r") == ["Error"]  # the backoff is not over
     assert rig.plan_actions(backoff_base=3600.0)["r"] is Action.WAIT
+    # the wait says when it ends, so the daemon looks again then and not at the next resync
+    _, the_plan = Reconciler(FolderSource(rig.root), rig.store.as_store(),
+                             PlanPolicy(backoff_base=3600.0)).plan()
+    assert the_plan.next_retry() == rig.records()["r"].next_attempt_at > time.time()
 
 
 def test_a_refused_submit_says_when_it_is_retried_in_iso_8601(rig: Rig) -> None:

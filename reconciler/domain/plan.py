@@ -94,6 +94,8 @@ class Decision:
     record: Record | None = field(default=None, repr=False)
     #: For ``resolve``: what the executor does once the uid is confirmed absent.
     if_absent: Action | None = None
+    #: For a ``wait`` on a backoff: when (wall clock) the action may be tried again.
+    retry_at: float | None = None
 
     @property
     def is_change(self) -> bool:
@@ -124,6 +126,11 @@ class Plan:
 
     def by_action(self, *actions: Action) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.action in actions)
+
+    def next_retry(self) -> float | None:
+        """When the earliest backoff among the waits ends (wall clock), if any: the daemon
+        looks again then, rather than at the next resync."""
+        return min((d.retry_at for d in self.decisions if d.retry_at is not None), default=None)
 
 
 def plan(
@@ -295,8 +302,9 @@ def _retry(decision: _Make, record: Record, now: float, action: Action, why: str
            policy: PlanPolicy) -> Decision:
     if policy.honour_backoff and now < record.next_attempt_at:
         wait = record.next_attempt_at - now
-        return decision(Action.WAIT, f"{why}; backing off {wait:.0f}s more "
-                        f"(attempt {record.attempts})")
+        return replace(decision(Action.WAIT, f"{why}; backing off {wait:.0f}s more "
+                                f"(attempt {record.attempts})"),
+                       retry_at=record.next_attempt_at)
     return decision(action, f"{why}; attempt {record.attempts + 1}")
 
 

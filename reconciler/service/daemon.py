@@ -230,6 +230,9 @@ class Daemon:
         check = self._reconciler.next_removal_check()
         if check is not None:  # a removal waiting out its grace period: look again then
             delay = min(delay, max(0.0, check - time.monotonic()) + 0.01)
+        retry = result.plan.next_retry() if result is not None else None
+        if retry is not None:  # a failed action backing off: try again when it may
+            delay = min(delay, max(0.0, retry - time.time()) + 0.01)
         return delay
 
     async def _guarded_pass(self) -> bool:

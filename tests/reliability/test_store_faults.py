@@ -56,9 +56,15 @@ def test_corrupted_store_is_a_clear_startup_error(tmp_path: Path, dev: DevProces
 
 
 def _hold_lock(path: str, seconds: float) -> None:
+    """Hold the store's write lock for ``seconds``, or (0) until standard input closes, so a
+    test decides when it ends whatever the machine's load."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("BEGIN EXCLUSIVE")
-    time.sleep(seconds)
+    print("held", flush=True)
+    if seconds > 0:
+        time.sleep(seconds)
+    else:
+        sys.stdin.read()
     db.execute("ROLLBACK")
 
 
@@ -68,19 +74,26 @@ def test_store_locked_by_another_process(tmp_path: Path, dev: DevProcess,
     open_store(state).close()
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys, tests.reliability.test_store_faults as t; "
-                               "t._hold_lock(sys.argv[1], 9)", str(state)])
-    time.sleep(0.5)
+                               "t._hold_lock(sys.argv[1], 0)", str(state)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
     names = [f"l-{i}" for i in range(10)]
     daemon, _ = start(tmp_path, dev, rsa_key, state, names)
     try:
         failed = daemon.wait_event("pass.failed", timeout=30)
         assert "locked" in failed[0]["error"]
         assert dev.jobs() == []  # no intent could be written, so nothing was sent
+        assert holder.stdin is not None
+        holder.stdin.close()  # the lock is released now, not at a time load could overtake
         holder.wait(30)
         wait_until(lambda: len(dev.jobs()) == 10, timeout=30)
     finally:
         daemon.stop()
         holder.kill()
+        holder.wait()
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
     result = audit(dev.jobs(), {n: f"img:{n}" for n in names})
     figures("store-locked", failed_passes=len(daemon.named("pass.failed")),
             duplicates=result.duplicates, lost=result.lost)
@@ -116,6 +129,7 @@ def test_store_locked_mid_apply_never_duplicates(
         daemon.stop()
         if holder is not None:
             holder.kill()
+            holder.wait()
     jobs = dev.jobs()
     result = audit(jobs, {n: f"img:{n}" for n in names})
     figures("store-locked-mid-apply", manifests=count, latency_s=1.0, lock_s=6,
