@@ -110,6 +110,7 @@ def test_schedule_state_and_runs_commit_with_the_intent(any_store: Any) -> None:
     assert any_store.schedules() == {"n": state(None)}
     for slot in (300, 600, 900):
         intent = _record("n")
+        assert intent.uid is not None
         any_store.commit_intents([intent], schedules={"n": state(slot)},
                                  runs=[Run("n", float(slot), intent.uid)], keep_runs={"n": 1})
         any_store.save([replace(intent, phase=Phase.COMPLETED, job_id=f"j{slot}")])

@@ -7,11 +7,15 @@ of a test shares one anchor, so a restarted daemon agrees on schedule time.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -37,7 +41,7 @@ def jobs_of(dev: DevProcess, name: str) -> list[dict[str, object]]:
 
 def uid_of(job: dict[str, object]) -> str:
     tags = job["Job"]["Spec"]["Annotations"]  # type: ignore[index]
-    return next(t.removeprefix(UID_TAG) for t in tags if t.startswith(UID_TAG))
+    return str(next(t.removeprefix(UID_TAG) for t in tags if t.startswith(UID_TAG)))
 
 
 def start(tmp_path: Path, dev: DevProcess, key: Path, anchor: float) -> DaemonProcess:
@@ -76,6 +80,14 @@ def test_a_scheduled_manifest_runs_once_per_slot(
     # Slots are whole minutes of schedule time, one after the other (a busy machine may skip
     # one while the previous run is still active, never run one twice).
     assert all(s.endswith(":00+00:00") for s in slots)
+    shown = subprocess.run(
+        [sys.executable, "-m", "reconciler", "status", "--json", "--manifests", str(folder),
+         "--state", str(tmp_path / "state.db")], capture_output=True, text=True, check=True)
+    (row,) = json.loads(shown.stdout)["schedules"]
+    last = max(datetime.fromisoformat(s) for s in slots)
+    assert datetime.fromisoformat(row["last_run"].replace("Z", "+00:00")) == last
+    assert row["outcome"] in ("active", "completed") and row["next_run"]
+    assert len(row["runs"]) == min(5, len(slots) - 1)  # keepRuns, the default 5
 
 
 def kill9_trials(tmp_path: Path, dev_factory: Callable[..., DevProcess], key: Path,
@@ -94,8 +106,7 @@ def kill9_trials(tmp_path: Path, dev_factory: Callable[..., DevProcess], key: Pa
     for _ in range(trials):
         daemon = start(tmp_path, dev, key, anchor)
         daemons.append(daemon)
-        seen = len(fired_slots(daemons))
-        daemon.wait_for(lambda: len(fired_slots(daemons)) > seen, 30, "a slot fired")
+        daemon.wait_event("schedule.fired", 1, timeout=30)
         time.sleep(rng.uniform(0.0, 0.08))
         daemon.signal(signal.SIGKILL)
         assert daemon.stop() == -signal.SIGKILL
