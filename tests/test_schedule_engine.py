@@ -297,3 +297,29 @@ def test_a_crash_between_intent_and_request_never_runs_a_slot_twice(
         world.tick(now)
     assert len(world.jobs.by_uid) == 1  # adopted by its uid, or sent once after the lookups
     assert world.store.records()[0].phase is Phase.ACTIVE
+
+
+def test_a_fired_slot_not_started_at_shutdown_runs_at_the_next_pass(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGTERM between a batch's intents and its requests: a plain submit's intent is given
+    # back, a slot's stays (its state committed with it) and is resolved, then sent once.
+    world.manifests["nightly"] = manifest()
+    world.tick(at("10:02"))
+    executor = Executor(world.store, world.jobs, POLICY, confirmations=2, resolve_delay=0,
+                        clock=lambda: at("10:05"))
+    the_plan = world.plan_at(at("10:05"))
+    commit = world.store.commit_intents
+
+    def commit_then_stop(*args: Any, **kwargs: Any) -> None:
+        commit(*args, **kwargs)
+        executor.stop()  # SIGTERM right after the batch's intents committed
+
+    monkeypatch.setattr(world.store, "commit_intents", commit_then_stop)
+    asyncio.run(executor.apply(the_plan))
+    monkeypatch.undo()
+    assert world.jobs.by_uid == {}
+    assert world.store.records()[0].phase is Phase.SUBMITTING
+    world.tick(at("10:06"))
+    assert len(world.jobs.by_uid) == 1
+    assert world.tick(at("10:07"))[1].counts == {}

@@ -377,16 +377,20 @@ class Executor:
         """No request was sent for these intents: put their records back as they were. If
         the store cannot take it (it just failed), the intents stay and the next pass
         resolves them by uid: none was sent, so each is submitted once, under a fresh uid."""
-        if not run.not_started:
+        # A fired slot's intent stays: its state and run committed with it, so giving it back
+        # would lose the slot; the next pass resolves it by uid and submits it once.
+        given_back = [d for d in run.not_started
+                      if not (d.action is Action.SUBMIT and _fires(d))]
+        if not given_back:
             return
         try:
-            self._store.save([d.record for d in run.not_started if d.record is not None])
-            self._store.forget([d.name for d in run.not_started if d.record is None])
+            self._store.save([d.record for d in given_back if d.record is not None])
+            self._store.forget([d.name for d in given_back if d.record is None])
         except StoreError as exc:
             if not run.failures:
                 run.failures.append(exc)
             return
-        for decision in run.not_started:
+        for decision in given_back:
             report.count(f"{decision.action}.not_started")
 
     def _failed(self, record: Record, what: str, exc: RequesterError, report: ApplyReport) -> None:
