@@ -304,7 +304,8 @@ def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False,
         f"{counts[Action.REPLACE]} to replace, {counts[Action.CANCEL]} to cancel, "
         f"{counts[Action.RESOLVE]} to resolve, {counts[Action.FORGET]} to forget, "
         f"{counts[Action.UPDATE]} to update, "
-        f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked.", bold=True
+        + (f"{counts[Action.SKIP]} slots to skip, " if counts[Action.SKIP] else "")
+        + f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked.", bold=True
     )
 
 
