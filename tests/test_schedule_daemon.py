@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from reconciler.backends.legacy_jobs import NAME_TAG, UID_TAG
@@ -44,8 +45,9 @@ def uid_of(job: dict[str, object]) -> str:
     return str(next(t.removeprefix(UID_TAG) for t in tags if t.startswith(UID_TAG)))
 
 
-def start(tmp_path: Path, dev: DevProcess, key: Path, anchor: float) -> DaemonProcess:
-    args = daemon_args(tmp_path / "manifests", tmp_path / "state.db", dev.url, key)
+def start(tmp_path: Path, dev: DevProcess, key: Path, anchor: float,
+          *extra: str) -> DaemonProcess:
+    args = daemon_args(tmp_path / "manifests", tmp_path / "state.db", dev.url, key, *extra)
     return DaemonProcess(args, {SCHEDULE_SPEED_ENV: f"{SPEED}@{anchor}",
                                 "RECONCILER_POLL_INTERVAL": "0.2"})
 
@@ -66,11 +68,14 @@ def test_a_scheduled_manifest_runs_once_per_slot(
     tmp_path: Path, folder: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path,
 ) -> None:
     dev = dev_factory("--job-duration", "0.1")
-    daemon = start(tmp_path, dev, rsa_key, time.time())
+    daemon = start(tmp_path, dev, rsa_key, time.time(), "--metrics-listen", "127.0.0.1:0")
     try:
         daemon.wait_event("schedule.fired", 4, timeout=30)
+        listen = daemon.wait_event("metrics.listening")[0]["listen"]
+        metrics = httpx.get(f"http://{listen}/metrics", timeout=10).text
     finally:
         daemon.stop()
+    assert 'reconciler_schedule_slots_total{outcome="fired"}' in metrics
     slots = fired_slots([daemon])
     assert len(slots) == len(set(slots))
     jobs = jobs_of(dev, "tick")
