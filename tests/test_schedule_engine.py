@@ -4,14 +4,17 @@ a real SQLite store and a fake backend, with a fake clock (no sleeping). Issue 1
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from reconciler.app.cli import main
 from reconciler.backends.errors import AlreadyTerminal
 from reconciler.domain.desired import Desired
 from reconciler.domain.manifest import Manifest, Policy
@@ -21,6 +24,7 @@ from reconciler.domain.schedule import run_uid
 from reconciler.engine.executor import ApplyReport, Executor
 from reconciler.ports import JobInfo, JobPhase
 from reconciler.store.sqlite import Store
+from tests.harness import envelope
 
 POLICY = PlanPolicy()
 
@@ -323,3 +327,18 @@ def test_a_fired_slot_not_started_at_shutdown_runs_at_the_next_pass(
     world.tick(at("10:06"))
     assert len(world.jobs.by_uid) == 1
     assert world.tick(at("10:07"))[1].counts == {}
+
+
+def test_plan_shows_the_next_run_of_a_scheduled_manifest(tmp_path: Path) -> None:
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "nightly.yaml").write_text(envelope(
+        "nightly", policy='schedule: "0 3 * * *";timezone: Europe/Berlin'))
+    args = ["plan", "--manifests", str(root), "--state", str(tmp_path / "state.db")]
+    text = CliRunner().invoke(main, args)
+    assert text.exit_code == 0, text.output
+    assert "next run " in text.output and "T03:00:00+0" in text.output
+    assert "(Europe/Berlin)" in text.output
+    shown = CliRunner().invoke(main, [*args, "--json"])
+    (decision,) = json.loads(shown.output)["decisions"]
+    assert decision["action"] == "noop" and decision["next_run"].endswith("+00:00")
