@@ -175,10 +175,10 @@ def plan(
     if not_ready:
         return _hold_everything(desired, records, not_ready)
     names = sorted(set(records) | set(desired.manifests) | set(desired.held))
-    when = datetime.fromtimestamp(now if schedule_now is None else schedule_now, UTC)
+    slots = _Slots(stored, datetime.fromtimestamp(now if schedule_now is None else schedule_now,
+                                                  UTC))
     decisions = [
-        _settled(_decide(name, desired, records.get(name), policy, now,
-                         _Slots(stored, when)), desired)
+        _settled(_decide(name, desired, records.get(name), policy, now, slots), desired)
         for name in names
     ]
     decisions, guards = _guard_mass_cancel(decisions, records, policy, recent_cancels)
@@ -213,9 +213,9 @@ def _with_schedules(
         target = s.after if d.action is Action.SKIP else s.tracked
         if stored.get(d.name) != target:
             updates[d.name] = target
-    actions = {d.name: d.action for d in the_plan.decisions}
-    drops = tuple(sorted(name for name in stored if name not in scheduled
-                         and name not in desired.held and actions.get(name) not in keep))
+    gone = set(stored) - scheduled - set(desired.held)
+    actions = {d.name: d.action for d in the_plan.decisions if d.name in gone} if gone else {}
+    drops = tuple(sorted(name for name in gone if actions.get(name) not in keep))
     if not (updates or drops or next_slot is not None):
         return the_plan
     return replace(the_plan, schedule_updates=updates, schedule_drops=drops,
