@@ -17,7 +17,8 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from reconciler.domain.manifest import Manifest
-from reconciler.domain.records import Approval, Record, StoredPolicy
+from reconciler.domain.records import Approval, Record, Run, StoredPolicy
+from reconciler.domain.schedule import ScheduleState
 from reconciler.domain.snapshot import Snapshot
 
 
@@ -152,7 +153,22 @@ class StateStore(Protocol):
         ...
 
     def records(self) -> list[Record]: ...
-    def commit_intents(self, records: Sequence[Record]) -> None: ...
+    def commit_intents(
+        self, records: Sequence[Record], *, schedules: Mapping[str, ScheduleState] | None = None,
+        runs: Sequence[Run] = (), keep_runs: Mapping[str, int] | None = None,
+    ) -> None:
+        """Intents, durable before their requests. In the same transaction: ``schedules``
+        (the state after a slot's decision, so a slot is never decided twice), ``runs`` (new
+        runs of scheduled manifests; each name's previous run is closed with its record's
+        phase and job first) and ``keep_runs`` (runs kept per name besides the newest)."""
+        ...
+
+    def schedules(self) -> dict[str, ScheduleState]: ...
+    def runs(self, name: str | None = None) -> list[Run]:
+        """Recent runs of scheduled manifests, newest first."""
+        ...
+
+    def drop_schedules(self, names: Iterable[str]) -> None: ...
     def save(self, records: Sequence[Record]) -> None: ...
     def forget(self, names: Iterable[str], *, cancelled_at: float | None = None) -> None:
         """Drop records; ``cancelled_at``: their jobs were just cancelled because their

@@ -27,7 +27,8 @@ from reconciler.backends.legacy import (
     WireJob,
 )
 from reconciler.backends.legacy_jobs import LegacyBackend
-from reconciler.domain.records import Approval, Record, StoredPolicy
+from reconciler.domain.records import Approval, Record, Run, StoredPolicy
+from reconciler.domain.schedule import ScheduleState
 from reconciler.ports import Backend, StateStore
 
 Operation = Literal["submit", "cancel", "list", "states"]
@@ -49,6 +50,8 @@ class FakeStore:
         self.stored_approvals: dict[str, Approval] = {}
         self.views: dict[str, dict[str, str]] = {}
         self.cancels: list[float] = []
+        self.schedule_states: dict[str, ScheduleState] = {}
+        self.stored_runs: list[Run] = []
         self.intent_commits = 0
 
     def as_store(self) -> StateStore:
@@ -65,10 +68,41 @@ class FakeStore:
     def records(self) -> list[Record]:
         return [self.rows[name] for name in sorted(self.rows)]
 
-    def commit_intents(self, records: Sequence[Record]) -> None:
-        if records:
+    def commit_intents(
+        self, records: Sequence[Record], *, schedules: Mapping[str, ScheduleState] | None = None,
+        runs: Sequence[Run] = (), keep_runs: Mapping[str, int] | None = None,
+    ) -> None:
+        if records or schedules or runs:
             self.intent_commits += 1
         self.save(records)
+        self.schedule_states.update(schedules or {})
+        for run in runs:
+            previous = [r for r in self.stored_runs if r.name == run.name]
+            record = self.rows.get(run.name)
+            for old in previous:  # the newest run so far ends as its record ended
+                if old.outcome == "current":
+                    self.stored_runs[self.stored_runs.index(old)] = replace(
+                        old, outcome=str(record.phase) if record else "unknown",
+                        job_id=record.job_id if record else old.job_id)
+            self.stored_runs.append(run)
+            keep = (keep_runs or {}).get(run.name)
+            if keep is not None:
+                mine = sorted((r for r in self.stored_runs if r.name == run.name),
+                              key=lambda r: r.slot, reverse=True)
+                for dropped in mine[keep + 1:]:
+                    self.stored_runs.remove(dropped)
+
+    def schedules(self) -> dict[str, ScheduleState]:
+        return dict(self.schedule_states)
+
+    def runs(self, name: str | None = None) -> list[Run]:
+        return sorted((r for r in self.stored_runs if name is None or r.name == name),
+                      key=lambda r: (r.name, -r.slot))
+
+    def drop_schedules(self, names: Iterable[str]) -> None:
+        for name in list(names):
+            self.schedule_states.pop(name, None)
+            self.stored_runs = [r for r in self.stored_runs if r.name != name]
 
     def save(self, records: Sequence[Record]) -> None:
         for record in records:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
+from reconciler.domain.records import Approval, Phase, Record, Run, StoredPolicy
+from reconciler.domain.schedule import ScheduleState
 from reconciler.store.errors import StoreError
 from reconciler.store.sqlite import Store
 from tests.pgserver import PgServer, running_server, unavailable_reason
@@ -94,6 +97,29 @@ def test_records_round_trip_every_field(any_store: Any) -> None:
     assert {k: v for k, v in got.__dict__.items() if k != "updated_at"} == \
            {k: v for k, v in record.__dict__.items() if k != "updated_at"}
     assert got.updated_at > 0
+
+
+def test_schedule_state_and_runs_commit_with_the_intent(any_store: Any) -> None:
+    # Issue 16: one transaction carries a slot's state, its run and the run's intent; a new
+    # run closes the previous one with what the record says; keepRuns bounds the rest.
+    def state(last: int | None) -> ScheduleState:
+        return ScheduleState(("*/5 * * * *", "Europe/Berlin"), datetime.fromtimestamp(0, UTC),
+                             None if last is None else datetime.fromtimestamp(last, UTC))
+
+    any_store.commit_intents([], schedules={"n": state(None)})
+    assert any_store.schedules() == {"n": state(None)}
+    for slot in (300, 600, 900):
+        intent = _record("n")
+        assert intent.uid is not None
+        any_store.commit_intents([intent], schedules={"n": state(slot)},
+                                 runs=[Run("n", float(slot), intent.uid)], keep_runs={"n": 1})
+        any_store.save([replace(intent, phase=Phase.COMPLETED, job_id=f"j{slot}")])
+    assert any_store.schedules() == {"n": state(900)}
+    runs = any_store.runs("n")
+    assert [(r.slot, r.outcome, r.job_id) for r in runs] == [
+        (900.0, "current", None), (600.0, "completed", "j600")]
+    any_store.drop_schedules(["n"])
+    assert any_store.schedules() == {} and any_store.runs() == []
 
 
 def test_policies_and_approvals(any_store: Any) -> None:

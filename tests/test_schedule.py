@@ -377,14 +377,18 @@ def test_a_valid_schedule_loads() -> None:
         assert check_expression(macro) == cron
 
 
-def test_the_one_shot_planner_does_not_run_a_scheduled_manifest() -> None:
-    # Until the engine drives slots, submitting a scheduled manifest once, now, would be wrong.
+def test_the_planner_never_runs_a_scheduled_manifest_as_a_one_shot_job() -> None:
+    # A new scheduled manifest waits for its first slot (a no-op naming it), never runs now.
     [scheduled] = load_file("n.yaml", envelope('  schedule: "@daily"\n')).manifests
     [once] = load_file("m.yaml", envelope("  onChange: keep\n").replace(
         b"name: nightly", b"name: once")).manifests
     desired = Desired(True, manifests={"nightly": scheduled, "once": once}, file_count=2)
-    actions = {d.name: d.action for d in plan(desired, [], PlanPolicy(), now=0).decisions}
-    assert actions == {"nightly": Action.WAIT, "once": Action.SUBMIT}
+    the_plan = plan(desired, [], PlanPolicy(), now=3600)
+    actions = {d.name: d.action for d in the_plan.decisions}
+    assert actions == {"nightly": Action.NOOP, "once": Action.SUBMIT}
+    assert "next run 1970-01-02T00:00:00+00:00 (UTC)" in the_plan.decisions[0].reason
+    assert the_plan.next_slot == 86400.0
+    assert the_plan.schedule_updates["nightly"].since.timestamp() == 3600
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -11,7 +11,13 @@ from reconciler.app.wiring import open_store
 from reconciler.backends.signing import load_signer
 from reconciler.ports import Backend
 from reconciler.service.daemon import Daemon
-from reconciler.service.timers import Backoff, PollBudget, Settle
+from reconciler.service.timers import (
+    SCHEDULE_SPEED_ENV,
+    Backoff,
+    PollBudget,
+    ScheduleClock,
+    Settle,
+)
 from reconciler.settings import load_settings
 
 
@@ -126,3 +132,17 @@ def test_a_reload_retimes_the_daemon(tmp_path: Path, rsa_key: Path) -> None:
         assert (daemon._settle.debounce, daemon._settle.max_delay) == (0.5, 2.0)
         assert (daemon._fetches.interval, daemon._fetches.cap) == (60.0, 600.0)
         assert (daemon._poll.interval, daemon._poll.budget) == (20.0, 0.01)
+
+
+def test_the_schedule_clock_is_the_wall_clock_unless_a_test_speeds_it_up() -> None:
+    wall = [1000.0]
+    plain = ScheduleClock(wall=lambda: wall[0])
+    fast = ScheduleClock(60, anchor=900.0, wall=lambda: wall[0])
+    assert (plain.now(), plain.seconds_until(1060.0)) == (1000.0, 60.0)
+    assert fast.now() == 900.0 + 100 * 60
+    assert fast.seconds_until(fast.now() + 60) == 1.0  # one schedule minute: one real second
+    assert fast.seconds_until(0.0) == 0.0
+    restarted = ScheduleClock.from_environment({SCHEDULE_SPEED_ENV: "60@900"})
+    assert (restarted.speed, restarted.anchor) == (60.0, 900.0)
+    with pytest.raises(ValueError, match=SCHEDULE_SPEED_ENV):
+        ScheduleClock.from_environment({SCHEDULE_SPEED_ENV: "fast"})

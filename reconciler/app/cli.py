@@ -23,6 +23,7 @@ from reconciler.backends.errors import NoExecutions, NotAuthorized, RequesterErr
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
+from reconciler.domain.records import Record, Run
 from reconciler.domain.specview import spec_view, view_changes
 from reconciler.engine.executor import ApplyReport
 from reconciler.engine.observe import observe
@@ -264,6 +265,7 @@ def plan_json(the_plan: Plan, errors: list[str], changes: Changes | None = None
             {"name": d.name, "action": str(d.action), "reason": d.reason, "path": d.path,
              "job_id": d.job_id} | ({"changes": (changes or {})[d.name]}
                                     if d.name in (changes or {}) else {})
+            | ({"next_run": _iso_or_none(d.scheduled.slot.next_run)} if d.scheduled else {})
             for d in the_plan.decisions
         ],
         "guards": [{"name": g.name, "reason": g.reason, "names": list(g.names)}
@@ -281,7 +283,8 @@ _COLOURS = {Action.SUBMIT: "green", Action.RESUBMIT: "green", Action.REPLACE: "y
 def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False,
                changes: Changes | None = None) -> None:
     for decision in the_plan.decisions:
-        if decision.action is Action.NOOP and not show_all:
+        # A scheduled manifest's no-op names its next run: shown, as that is what plan is for.
+        if decision.action is Action.NOOP and not show_all and decision.scheduled is None:
             continue
         job = f" [{decision.job_id}]" if decision.job_id else ""
         out(f"{SYMBOLS[decision.action]} {decision.action:<8} {decision.name}{job}: "
@@ -301,7 +304,8 @@ def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False,
         f"{counts[Action.REPLACE]} to replace, {counts[Action.CANCEL]} to cancel, "
         f"{counts[Action.RESOLVE]} to resolve, {counts[Action.FORGET]} to forget, "
         f"{counts[Action.UPDATE]} to update, "
-        f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked.", bold=True
+        + (f"{counts[Action.SKIP]} slots to skip, " if counts[Action.SKIP] else "")
+        + f"{counts[Action.HOLD]} held, {counts[Action.BLOCKED]} blocked.", bold=True
     )
 
 
@@ -421,8 +425,9 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         reconciler = wiring.reconciler(settings, store)
         desired, the_plan = reconciler.plan()
         records = store.records()
+        runs = store.runs()
     overall = PassResult(desired, the_plan).overall
-    if overall == "ready" and the_plan.changes:
+    if overall == "ready" and any(d.action is not Action.SKIP for d in the_plan.changes):
         # Changes not carried out yet (a requester that could not be reached, a daemon that is
         # not running): the network is not in line with the folder.
         overall = "degraded"
@@ -436,10 +441,12 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
          "last_error": holds.get(r.name) or r.last_error}
         for r in records
     ]
+    schedules = _schedule_rows(the_plan, records, runs)
     if as_json:
         out(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
                         if the_plan.guards else "", "refreshed_at": iso_time(refreshed),
-                        "recorded_at": iso_time(written), "jobs": rows}, indent=2))
+                        "recorded_at": iso_time(written), "jobs": rows,
+                        "schedules": schedules}, indent=2))
         return
     out(f"state: {overall}" + (f" ({held} held manifests)" if held else ""),
         fg=_STATE_COLOURS.get(overall), bold=True)
@@ -459,6 +466,49 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
         out("  ".join([*cells, str(row[-1])]).rstrip(),
             fg="magenta" if row[1] == "held" else None)
+    if schedules:
+        lines: list[tuple[str, ...]] = [("SCHEDULED", "LAST RUN", "OUTCOME", "NEXT RUN")]
+        lines += [(str(r["name"]), str(r["last_run"] or "-"), str(r["outcome"] or "-"),
+                   str(r["next_run"] or ("suspended" if r["suspended"] else "-")))
+                  for r in schedules]
+        sizes = [max(len(line[i]) for line in lines) for i in range(4)]
+        out()
+        for line in lines:
+            out("  ".join(c.ljust(w) for c, w in zip(line, sizes, strict=True)).rstrip())
+
+
+def _iso_or_none(instant: Any) -> str | None:
+    return None if instant is None else str(instant.isoformat())
+
+
+def _schedule_rows(the_plan: Plan, records: list[Record], runs: list[Run]
+                   ) -> list[dict[str, Any]]:
+    """Per scheduled manifest: its last run (slot), that run's outcome (the record's phase
+    while it is the current run) and its next run; earlier runs as ``runs``."""
+    by_name = {r.name: r for r in records}
+    history: dict[str, list[Run]] = {}
+    for run in runs:
+        history.setdefault(run.name, []).append(run)
+    rows = []
+    for d in the_plan.decisions:
+        if d.scheduled is None:
+            continue
+        mine = history.get(d.name, [])
+        last = mine[0] if mine else None
+        record = by_name.get(d.name)
+        outcome = None
+        if last is not None:
+            outcome = (str(record.phase) if last.outcome == "current" and record is not None
+                       else last.outcome)
+        slot = d.scheduled.slot
+        upcoming = slot.slot if slot.action == "fire" else slot.next_run
+        rows.append({"name": d.name,
+                     "last_run": iso_time(last.slot) if last else None,
+                     "outcome": outcome, "next_run": _iso_or_none(upcoming),
+                     "suspended": d.manifest is not None and d.manifest.policy.suspend,
+                     "runs": [{"slot": iso_time(r.slot), "job_id": r.job_id,
+                               "outcome": r.outcome} for r in mine[1:]]})
+    return rows
 
 
 # --- the daemon ----------------------------------------------------------------------------

@@ -15,7 +15,12 @@ The rules (``docs/design.md`` has the table):
 * an intent without a job id (a crash, a lost reply) is resolved by looking up its uid before
   anything is resubmitted; the decision names what follows a confirmed absence (``if_absent``:
   submit again, under a fresh uid, while the manifest is there; forget it once it is gone);
-* a failed job is resubmitted only when its policy says so, with backoff and a cap.
+* a failed job is resubmitted only when its policy says so, with backoff and a cap;
+* a scheduled manifest runs at its slots only (``domain/schedule.py``): ``decide`` says, with
+  a reason, whether the slot due at ``schedule_now`` fires (a submit under the slot's uid, or a
+  replace under ``concurrency: replace``), is skipped or missed (``skip``: only its state is
+  recorded), or nothing is due (``noop``, naming the next run). The state to record goes with
+  the decision (``Scheduled``) and, for a run, into the same transaction as its intent.
 
 Guards: a source that is not ready (missing, unreadable, or empty without ``allow_empty``)
 holds everything; a pass that would cancel more than ``mass_cancel_ratio`` of the managed live
@@ -29,12 +34,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
 
 from reconciler.domain.desired import Desired
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.records import FINISHED_PHASES, LIVE_PHASES, Phase, Record
+from reconciler.domain.schedule import Decision as SlotDecision
+from reconciler.domain.schedule import Schedule, ScheduleState, decide, local_time, track
 
 
 class Action(StrEnum):
@@ -47,6 +55,7 @@ class Action(StrEnum):
     UPDATE = "update"
     HOLD = "hold"
     BLOCKED = "blocked"
+    SKIP = "skip"  # a scheduled manifest's slot is skipped or missed: only recorded
     WAIT = "wait"
     NOOP = "noop"
 
@@ -54,12 +63,12 @@ class Action(StrEnum):
 #: Actions that change something (remotely, or in the store).
 EFFECTS = frozenset(
     {Action.SUBMIT, Action.RESUBMIT, Action.REPLACE, Action.CANCEL, Action.RESOLVE, Action.FORGET,
-     Action.UPDATE}
+     Action.UPDATE, Action.SKIP}
 )
 SYMBOLS = {
     Action.SUBMIT: "+", Action.RESUBMIT: "+", Action.REPLACE: "~", Action.CANCEL: "-",
     Action.RESOLVE: "=", Action.FORGET: "-", Action.UPDATE: "*", Action.HOLD: "!",
-    Action.BLOCKED: "x",
+    Action.BLOCKED: "x", Action.SKIP: "/",
     Action.WAIT: ".", Action.NOOP: " ",
 }
 
@@ -84,6 +93,23 @@ class PlanPolicy:
 
 
 @dataclass(frozen=True)
+class Scheduled:
+    """A scheduled manifest's slot decision and the states around it."""
+
+    slot: SlotDecision
+    #: The state before the decision (a new or changed schedule starts at now).
+    tracked: ScheduleState
+    #: The state to record once the decision is acted on (``tracked.after(slot)``).
+    after: ScheduleState
+    keep_runs: int
+    timezone: str
+
+    @property
+    def fires(self) -> bool:
+        return self.slot.action == "fire"
+
+
+@dataclass(frozen=True)
 class Decision:
     name: str
     action: Action
@@ -96,6 +122,8 @@ class Decision:
     if_absent: Action | None = None
     #: For a ``wait`` on a backoff: when (wall clock) the action may be tried again.
     retry_at: float | None = None
+    #: For a scheduled manifest: its slot decision (a submit or replace with it is a run).
+    scheduled: Scheduled | None = field(default=None, repr=False)
 
     @property
     def is_change(self) -> bool:
@@ -115,6 +143,13 @@ class Plan:
     guards: tuple[Guard, ...] = ()
     ready: bool = True
     revision: str | None = None
+    #: Schedule states to record that come with no run: a schedule first seen or changed, a
+    #: slot skipped or missed. (A run's state is recorded with its intent.)
+    schedule_updates: Mapping[str, ScheduleState] = field(default_factory=dict)
+    #: Names whose schedule state and runs are forgotten (no longer scheduled).
+    schedule_drops: tuple[str, ...] = ()
+    #: The earliest next slot of any scheduled manifest (Unix seconds): when to look again.
+    next_slot: float | None = None
 
     @property
     def changes(self) -> tuple[Decision, ...]:
@@ -135,20 +170,63 @@ class Plan:
 
 def plan(
     desired: Desired, recorded: Iterable[Record], policy: PlanPolicy, now: float,
-    recent_cancels: int = 0,
+    recent_cancels: int = 0, schedules: Mapping[str, ScheduleState] | None = None,
+    schedule_now: float | None = None,
 ) -> Plan:
-    """``recent_cancels``: removals cancelled within ``policy.mass_cancel_window`` so far."""
+    """``recent_cancels``: removals cancelled within ``policy.mass_cancel_window`` so far.
+    ``schedules``: the recorded states of scheduled manifests; ``schedule_now``: the time slots
+    are decided at (default ``now``; tests and the daemon's test clock set it apart)."""
     records = {r.name: r for r in recorded}
+    stored = schedules or {}
     not_ready = _not_ready_reason(desired, policy)
     if not_ready:
         return _hold_everything(desired, records, not_ready)
     names = sorted(set(records) | set(desired.manifests) | set(desired.held))
+    slots = _Slots(stored, datetime.fromtimestamp(now if schedule_now is None else schedule_now,
+                                                  UTC))
     decisions = [
-        _settled(_decide(name, desired, records.get(name), policy, now), desired)
+        _settled(_decide(name, desired, records.get(name), policy, now, slots), desired)
         for name in names
     ]
     decisions, guards = _guard_mass_cancel(decisions, records, policy, recent_cancels)
-    return Plan(tuple(decisions), guards, True, desired.revision)
+    return _with_schedules(Plan(tuple(decisions), guards, True, desired.revision), desired,
+                           stored)
+
+
+@dataclass(frozen=True)
+class _Slots:
+    stored: Mapping[str, ScheduleState]
+    when: datetime
+
+
+def _with_schedules(
+    the_plan: Plan, desired: Desired, stored: Mapping[str, ScheduleState]
+) -> Plan:
+    """What the plan records of schedules besides runs, and when the next slot is."""
+    updates: dict[str, ScheduleState] = {}
+    scheduled: set[str] = set()
+    next_slot: float | None = None
+    keep = (Action.HOLD, Action.WAIT, Action.BLOCKED)
+    for d in the_plan.decisions:
+        s = d.scheduled
+        if s is None:
+            continue
+        scheduled.add(d.name)
+        if s.slot.next_run is not None:
+            at = s.slot.next_run.timestamp()
+            next_slot = at if next_slot is None else min(next_slot, at)
+        if d.action in (Action.SUBMIT, Action.REPLACE) and s.fires:
+            continue  # recorded with the run's intent
+        target = s.after if d.action is Action.SKIP else s.tracked
+        if stored.get(d.name) != target:
+            updates[d.name] = target
+    gone = set(stored) - scheduled - set(desired.held)
+    actions = {d.name: d.action for d in the_plan.decisions if d.name in gone} if gone else {}
+    drops = tuple(sorted(name for name in gone if actions.get(name) not in keep))
+    if not (updates or drops or next_slot is not None):
+        return the_plan
+    return replace(the_plan, schedule_updates=updates, schedule_drops=drops,
+                   next_slot=next_slot)
 
 
 def _not_ready_reason(desired: Desired, policy: PlanPolicy) -> str:
@@ -170,7 +248,8 @@ def _hold_everything(desired: Desired, records: Mapping[str, Record], reason: st
 
 
 def _decide(
-    name: str, desired: Desired, record: Record | None, policy: PlanPolicy, now: float
+    name: str, desired: Desired, record: Record | None, policy: PlanPolicy, now: float,
+    slots: _Slots,
 ) -> Decision:
     if name in desired.held:
         return _held(name, record, desired.held[name])
@@ -179,30 +258,61 @@ def _decide(
             and desired.is_broken(record.path):
         return _held(name, record, f"{record.path} cannot be read or parsed and may still "
                      f"define this name (now also claimed by {manifest.path})")
+    if manifest is not None and manifest.policy.schedule is not None:
+        return _decide_scheduled(manifest, record, policy, now, slots)
     if manifest is not None and record is not None and _unchanged_and_live(manifest, record):
         # The common case at scale, kept cheap: nothing to do.
         return Decision(name, Action.NOOP, "unchanged; job is live", manifest.path,
                         record.job_id, manifest, record)
     if manifest is not None:
-        return _not_yet_scheduled(_decide_present(manifest, record, policy, now))
+        return _decide_present(manifest, record, policy, now)
     assert record is not None  # names come from the records, the manifests or the held
     if desired.is_broken(record.path):
         return _held(name, record, f"{record.path} cannot be read or parsed")
     return _decide_removed(record)
 
 
-def _not_yet_scheduled(decision: Decision) -> Decision:
-    """A scheduled manifest runs at its slots (``domain/schedule.py``), never as a one-shot job.
-    Until the engine drives slots (issue 16), a new or changed one waits instead of running once
-    at the wrong time; in-doubt intents are still resolved, removals still cancel."""
-    scheduled = decision.manifest is not None and decision.manifest.policy.schedule is not None
-    if not scheduled or decision.action not in _ONE_SHOT:
-        return decision
-    return replace(decision, action=Action.WAIT,
-                   reason=f"scheduled manifest: not run as a one-shot job ({decision.reason})")
+def _decide_scheduled(
+    manifest: Manifest, record: Record | None, policy: PlanPolicy, now: float, slots: _Slots
+) -> Decision:
+    """A scheduled manifest runs at its slots, never as a one-shot job; its record is its
+    newest run. A spec change affects the next slot (the running run is left alone); an
+    in-doubt intent is resolved first, as any other."""
+    if record is not None and record.phase is Phase.SUBMITTING:
+        return _decide_present(manifest, record, policy, now)
+    schedule = manifest.policy.as_schedule()
+    assert schedule is not None
+
+    def decision(action: Action, reason: str) -> Decision:
+        return Decision(manifest.name, action, reason, manifest.path,
+                        record.job_id if record else None, manifest, record)
+
+    tracked = track(schedule, slots.stored.get(manifest.name), slots.when)
+    active = record is not None and record.phase in (Phase.ACTIVE, Phase.CANCELLING)
+    slot = decide(schedule, manifest.name, tracked, active=active, now=slots.when)
+    info = Scheduled(slot, tracked, tracked.after(slot), schedule.keep_runs, schedule.timezone)
+    if slot.action == "fire":
+        assert slot.slot is not None
+        action = Action.REPLACE if slot.stop_active else Action.SUBMIT
+        return replace(decision(action, f"slot {local_time(schedule, slot.slot)}: "
+                                f"{slot.reason}"), scheduled=info)
+    if slot.action in ("skip", "missed"):
+        return replace(decision(Action.SKIP, f"{_slot_text(schedule, slot)}: {slot.reason}"),
+                       scheduled=info)
+    last = f"last run {record.phase}; " if record is not None else ""
+    upcoming = (f"next run {local_time(schedule, slot.next_run)}" if slot.next_run
+                else "no next run")
+    outcome = decision(Action.NOOP, f"scheduled: {last}{slot.reason}; {upcoming}")
+    if record is not None:
+        outcome = _follow_manifest(outcome, manifest, record, decision)
+    return replace(outcome, scheduled=info)
 
 
-_ONE_SHOT = frozenset({Action.SUBMIT, Action.RESUBMIT, Action.REPLACE})
+def _slot_text(schedule: Schedule, slot: SlotDecision) -> str:
+    if slot.slot is not None:
+        return f"slot {local_time(schedule, slot.slot)}"
+    newest = slot.missed[0] if slot.missed else None
+    return f"slot {local_time(schedule, newest)}" if newest else "slots"
 
 
 def _settled(decision: Decision, desired: Desired) -> Decision:

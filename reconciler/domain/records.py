@@ -61,3 +61,16 @@ class Approval:
     reason: str
     received_at: float
     decided_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a scheduled manifest (``runs`` table): its slot, the uid it was submitted
+    under, and once a later slot superseded it, its job and how it ended. The newest run of a
+    name is its record's job; its outcome is the record's phase (docs/design.md, "Schedules")."""
+
+    name: str
+    slot: float  # the slot's instant, Unix seconds
+    uid: str
+    job_id: str | None = None
+    outcome: str = "current"

@@ -55,6 +55,7 @@ __all__ = [
     "check_expression",
     "check_timezone",
     "decide",
+    "local_time",
     "next_run_text",
     "run_uid",
     "track",
@@ -331,6 +332,11 @@ def next_run_text(schedule: Schedule, state: ScheduleState | None, now: datetime
     if decision.next_run is None:
         return "no further slots"
     return f"next run {_local(decision.next_run, schedule)}"
+
+
+def local_time(schedule: Schedule, instant: datetime) -> str:
+    """``instant`` in the schedule's own time zone, named: what ``plan`` and events show."""
+    return _local(instant, schedule)
 
 
 def _local(instant: datetime, schedule: Schedule) -> str:

@@ -34,14 +34,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import structlog
 
 from reconciler.backends.errors import AlreadyTerminal, NotFound, OutcomeUnknown, RequesterError
 from reconciler.domain.manifest import Manifest
-from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy
-from reconciler.domain.records import Phase, Record
+from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy, Scheduled
+from reconciler.domain.records import Phase, Record, Run
+from reconciler.domain.schedule import ScheduleState
 from reconciler.events import iso_time
 from reconciler.ports import Backend, JobInfo, JobPhase, StateStore
 from reconciler.store.errors import StoreError
@@ -159,8 +161,9 @@ class Executor:
         changes = plan.changes
         self._forget([d for d in changes if d.action is Action.FORGET], report)
         self._update([d for d in changes if d.action is Action.UPDATE], report)
-        actions = [d for d in changes
-                   if d.action not in (Action.FORGET, Action.UPDATE, Action.RESOLVE)]
+        self._record_schedules(plan, report)
+        actions = [d for d in changes if d.action not in (Action.FORGET, Action.UPDATE,
+                                                          Action.RESOLVE, Action.SKIP)]
         actions = await self._look_up_by_name(plan, actions, report)
         await self._resolve([d for d in changes if d.action is Action.RESOLVE], report, run)
         report.total = len(actions)
@@ -172,7 +175,11 @@ class Executor:
                 break
             batch = actions[start : start + INTENT_BATCH]
             intents = [self._intent(d, plan.revision) for d in batch]
-            self._store.commit_intents(intents)
+            # A slot's state commits with its run's intent: once recorded, the slot is never
+            # decided again, and the intent's uid (the slot's) finds the run after a crash.
+            fired = [(d, i) for d, i in zip(batch, intents, strict=True)
+                     if d.action is Action.SUBMIT and _fires(d)]
+            self._commit_runs(intents, fired, report)
             for decision, intent in zip(batch, intents, strict=True):
                 self._spawn(run, self._bounded(decision, intent, report, run), decision.name)
 
@@ -220,27 +227,76 @@ class Executor:
         record = decision.record
         if decision.action in (Action.SUBMIT, Action.RESUBMIT):
             assert decision.manifest is not None
-            return self._submit_intent(decision.manifest, record, revision)
+            return self._submit_intent(decision.manifest, record, revision,
+                                       uid=_slot_uid(decision))
         assert record is not None  # cancel and replace act on a recorded job
         return replace(record, phase=Phase.CANCELLING, revision=revision or record.revision)
 
     def _submit_intent(
         self, manifest: Manifest, record: Record | None, revision: str | None,
-        *, new_attempt: bool = True,
+        *, new_attempt: bool = True, uid: str | None = None,
     ) -> Record:
-        """A fresh uid, always: a uid is never submitted twice (docs/design.md)."""
+        """A fresh uid, always: a uid is never submitted twice (docs/design.md). A slot's run
+        is first submitted under the slot's uid (``schedule.run_uid``), itself used once."""
         same_spec = record is not None and record.spec_hash == manifest.spec_hash
         return Record(
             name=manifest.name,
             phase=Phase.SUBMITTING,
             spec_hash=manifest.spec_hash,
             path=manifest.path,
-            uid=secrets.token_hex(16),
+            uid=uid or secrets.token_hex(16),
             attempts=(record.attempts if record and same_spec else 0) + int(new_attempt),
             last_error=record.last_error if record else None,
             on_remove=manifest.policy.on_remove,
             revision=revision,
         )
+
+    # --- schedules ----------------------------------------------------------------------
+
+    def _record_schedules(self, plan: Plan, report: ApplyReport) -> None:
+        """Record what the plan decided of schedules without a run (a schedule first seen,
+        slots skipped or missed) and forget the schedules of names no longer scheduled."""
+        if plan.schedule_updates:
+            self._store.commit_intents([], schedules=plan.schedule_updates)
+        if plan.schedule_drops:
+            self._store.drop_schedules(plan.schedule_drops)
+        for d in plan.by_action(Action.SKIP):
+            s = d.scheduled
+            if s is None or d.name not in plan.schedule_updates:
+                continue
+            slot = s.slot
+            fields = {"name": d.name, "path": d.path, "reason": d.reason,
+                      "next_run": _iso(slot.next_run)}
+            if slot.action == "skip":
+                self._log.info("schedule.skipped", **fields, slot=_iso(slot.slot),
+                               job_id=d.job_id, missed=len(slot.missed))
+                report.count("schedule.skipped")
+            else:
+                self._log.warning("schedule.missed", **fields, slot=_iso(slot.missed[0]),
+                                  count=len(slot.missed), more=slot.missed_more)
+                report.count("schedule.missed")
+
+    def _commit_runs(self, intents: Sequence[Record],
+                     fired: Sequence[tuple[Decision, Record]], report: ApplyReport) -> None:
+        """Commit intents; with each fired slot's run, its schedule state (one transaction)."""
+        states: dict[str, ScheduleState] = {}
+        runs: list[Run] = []
+        keep: dict[str, int] = {}
+        for decision, intent in fired:
+            s = decision.scheduled
+            assert s is not None and s.slot.slot is not None and intent.uid is not None
+            states[decision.name] = s.after
+            runs.append(Run(decision.name, s.slot.slot.timestamp(), intent.uid))
+            keep[decision.name] = s.keep_runs
+        self._store.commit_intents(intents, schedules=states, runs=runs, keep_runs=keep)
+        for decision, intent in fired:
+            s = decision.scheduled
+            assert s is not None
+            self._log.info("schedule.fired", name=decision.name, path=decision.path,
+                           uid=intent.uid, slot=_iso(s.slot.slot), reason=decision.reason,
+                           missed=len(s.slot.missed), next_run=_iso(s.slot.next_run),
+                           previous_job_id=decision.job_id)
+            report.count("schedule.fired")
 
     # --- actions ------------------------------------------------------------------------
 
@@ -268,8 +324,11 @@ class Executor:
             self._store.forget([intent.name], cancelled_at=self._clock())
             return
         assert decision.manifest is not None  # a replace: the new spec follows the cancel
-        fresh = self._submit_intent(decision.manifest, intent, intent.revision)
-        self._store.commit_intents([fresh])
+        fresh = self._submit_intent(decision.manifest, intent, intent.revision,
+                                    uid=_slot_uid(decision))
+        # concurrency: replace records the slot only now, with the new run's intent: a crash
+        # after the cancel leaves the slot due, and the next pass fires it again.
+        self._commit_runs([fresh], [(decision, fresh)] if _fires(decision) else [], report)
         await self._submit(decision.manifest, fresh, report, decision.reason)
 
     async def _submit(
@@ -318,16 +377,20 @@ class Executor:
         """No request was sent for these intents: put their records back as they were. If
         the store cannot take it (it just failed), the intents stay and the next pass
         resolves them by uid: none was sent, so each is submitted once, under a fresh uid."""
-        if not run.not_started:
+        # A fired slot's intent stays: its state and run committed with it, so giving it back
+        # would lose the slot; the next pass resolves it by uid and submits it once.
+        given_back = [d for d in run.not_started
+                      if not (d.action is Action.SUBMIT and _fires(d))]
+        if not given_back:
             return
         try:
-            self._store.save([d.record for d in run.not_started if d.record is not None])
-            self._store.forget([d.name for d in run.not_started if d.record is None])
+            self._store.save([d.record for d in given_back if d.record is not None])
+            self._store.forget([d.name for d in given_back if d.record is None])
         except StoreError as exc:
             if not run.failures:
                 run.failures.append(exc)
             return
-        for decision in run.not_started:
+        for decision in given_back:
             report.count(f"{decision.action}.not_started")
 
     def _failed(self, record: Record, what: str, exc: RequesterError, report: ApplyReport) -> None:
@@ -383,8 +446,10 @@ class Executor:
         asked = set(unrecorded)
         recorded: dict[str, Record] = {}
         if not self._swept or self._suspects:  # else skip the walk: a no-op pass stays cheap
+            # concurrency: allow keeps earlier runs of a name live on purpose: not duplicates.
             recorded = {d.name: d.record for d in plan.decisions
-                        if d.record is not None and d.record.phase is not Phase.SUBMITTING}
+                        if d.record is not None and d.record.phase is not Phase.SUBMITTING
+                        and not _overlaps(d)}
         swept = set(recorded) if not self._swept else set(self._suspects) & set(recorded)
         names = sorted(set(unrecorded) | swept)
         unknown: set[str] = set()
@@ -536,3 +601,22 @@ class Executor:
     def _fields(record: Record, **extra: Any) -> dict[str, Any]:
         return {"name": record.name, "job_id": record.job_id, "path": record.path,
                 "revision": record.revision, "uid": record.uid, **extra}
+
+
+def _overlaps(decision: Decision) -> bool:
+    manifest = decision.manifest
+    return (manifest is not None and manifest.policy.schedule is not None
+            and manifest.policy.concurrency == "allow")
+
+
+def _fires(decision: Decision) -> bool:
+    return decision.scheduled is not None and decision.scheduled.fires
+
+
+def _slot_uid(decision: Decision) -> str | None:
+    s: Scheduled | None = decision.scheduled
+    return s.slot.uid if s is not None and s.fires else None
+
+
+def _iso(instant: datetime | None) -> str | None:
+    return instant.isoformat() if instant is not None else None

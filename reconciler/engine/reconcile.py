@@ -77,11 +77,15 @@ class Reconciler:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        schedule_clock: Callable[[], float] | None = None,
     ) -> None:
         self.source = source
         self.store = store
         self.policy = policy
         self._clock = clock
+        #: The time scheduled manifests' slots are decided at: the wall clock, but for the
+        #: daemon's test-only accelerated clock (service/timers.py, ScheduleClock).
+        self.schedule_clock = schedule_clock or clock
         self._monotonic = monotonic
         self._log = structlog.get_logger("reconciler")
         self._reported: set[str] = set()
@@ -107,7 +111,9 @@ class Reconciler:
         policy = policy or self.policy
         now = self._clock()
         recent = self.store.recent_cancels(now - policy.mass_cancel_window)
-        return desired, plan(desired, records, policy, now, recent)
+        return desired, plan(desired, records, policy, now, recent,
+                             schedules=self.store.schedules(),
+                             schedule_now=self.schedule_clock())
 
     def _recently_missing(self, snapshot: Snapshot, records: list[Record]) -> frozenset[str]:
         if not self.removal_grace or not snapshot.ready:

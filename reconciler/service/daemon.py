@@ -48,7 +48,7 @@ from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
 from reconciler.service.probe import MAX_PROBE_BODY, ProbeService
-from reconciler.service.timers import Backoff, PollBudget, Settle
+from reconciler.service.timers import Backoff, PollBudget, ScheduleClock, Settle
 from reconciler.settings import Settings, SettingsError
 from reconciler.sources.errors import FetchError
 from reconciler.store.errors import StoreError
@@ -85,6 +85,8 @@ class Daemon:
         # A source that fetches (git) is fetched on a timer; any other is watched for events.
         self._git = self._source if isinstance(self._source, Fetching) else None
         self._reconciler = wiring.reconciler(settings, store, self._policy(), self._source)
+        self._schedule_clock = ScheduleClock.from_environment()
+        self._reconciler.schedule_clock = self._schedule_clock.now
         self._apply_settle_settings()
         self._fetches = Backoff(settings.git_interval, settings.git_interval * 10,
                                 first_at=float("inf"))  # armed by the loop, for git only
@@ -233,6 +235,10 @@ class Daemon:
         retry = result.plan.next_retry() if result is not None else None
         if retry is not None:  # a failed action backing off: try again when it may
             delay = min(delay, max(0.0, retry - time.time()) + 0.01)
+        if result is not None and result.plan.next_slot is not None:
+            # Sleep until the next slot of any scheduled manifest, not a moment longer or
+            # shorter: a pass then fires it (no polling in between).
+            delay = min(delay, self._schedule_clock.seconds_until(result.plan.next_slot) + 0.01)
         return delay
 
     async def _guarded_pass(self) -> bool:
@@ -462,6 +468,15 @@ class Daemon:
             m.inc("reconciler_actions_total", count, action=action, outcome=outcome)
         phases = Counter(str(r.phase) for r in self._store.records())
         m.replace("reconciler_jobs", [({"phase": p}, n) for p, n in phases.items()])
+        for key, count in result.report.counts.items():
+            if key.startswith("schedule."):
+                m.inc("reconciler_schedule_slots_total", count,
+                      outcome=key.removeprefix("schedule."))
+        scheduled = {d.name for d in result.plan.decisions if d.scheduled is not None}
+        if scheduled:
+            last = Counter(str(r.phase) for r in self._store.records() if r.name in scheduled)
+            m.replace("reconciler_schedule_last_runs", [({"outcome": o}, n)
+                                                        for o, n in last.items()])
         m.set("reconciler_held_manifests", result.held)
         m.set("reconciler_ready", 1 if result.plan.ready else 0)
         m.set("reconciler_last_pass_timestamp_seconds", time.time())

@@ -98,6 +98,12 @@ def standard_metrics() -> Metrics:
          ("operation", "status")),
         ("reconciler_request_duration_seconds", "histogram", "Request latency by operation.",
          ("operation",)),
+        ("reconciler_schedule_slots_total", "counter", "Slots of scheduled manifests, by "
+                                                       "outcome (fired, skipped, missed).",
+         ("outcome",)),
+        ("reconciler_schedule_last_runs", "gauge", "Scheduled manifests by the outcome of "
+                                                   "their last run (its record's phase).",
+         ("outcome",)),
     ]:
         metrics.describe(name, kind, text, labels)
     return metrics

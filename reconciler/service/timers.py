@@ -5,8 +5,9 @@ asks them when the next piece of work is due.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 Clock = Callable[[], float]
@@ -105,3 +106,47 @@ class PollBudget:
         interval = self.interval
         backoff = min(max(interval, self.FAILING_CAP), interval * 2.0 ** self.failures)
         return float(max(backoff, self.cost / self.budget))
+
+
+#: Test-only: ``SPEED`` or ``SPEED@ANCHOR`` (Unix seconds): schedule time runs ``SPEED`` times
+#: faster than the wall clock from ``ANCHOR`` (default: the daemon's start), so restarted
+#: daemons given the same anchor agree on it (README, "Schedules"). Never set it in
+#: production: slots would fire early.
+SCHEDULE_SPEED_ENV = "RECONCILER_TEST_SCHEDULE_SPEED"
+
+
+class ScheduleClock:
+    """The time scheduled manifests' slots are decided at, and how long the daemon sleeps
+    until one is due: the wall clock; the daemon's loop wakes at the next slot, no polling.
+
+    ``speed`` and ``anchor`` (tests only, from ``RECONCILER_TEST_SCHEDULE_SPEED``) make schedule
+    time ``anchor + (wall - anchor) * speed``: at 60, a ``* * * * *`` schedule fires every
+    second of real time. Every other timer (debounce, polls, backoff) keeps real time."""
+
+    def __init__(self, speed: float = 1.0, anchor: float | None = None,
+                 wall: Clock = time.time) -> None:
+        if not speed > 0:
+            raise ValueError("the schedule clock's speed must be positive")
+        self.speed = speed
+        self._wall = wall
+        self.anchor = wall() if anchor is None else anchor
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ScheduleClock:
+        text = environ.get(SCHEDULE_SPEED_ENV, "").strip()
+        if not text:
+            return cls()
+        speed, _, anchor = text.partition("@")
+        try:
+            return cls(float(speed), float(anchor) if anchor else None)
+        except ValueError:
+            raise ValueError(f"{SCHEDULE_SPEED_ENV}: not SPEED or SPEED@ANCHOR") from None
+
+    def now(self) -> float:
+        if self.speed == 1.0:
+            return self._wall()
+        return self.anchor + (self._wall() - self.anchor) * self.speed
+
+    def seconds_until(self, at: float) -> float:
+        """Real seconds until schedule time reaches ``at`` (0 when it has)."""
+        return max(0.0, (at - self.now()) / self.speed)

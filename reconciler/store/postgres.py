@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,10 +34,17 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.rows import dict_row
 
-from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
+from reconciler.domain.records import Approval, Phase, Record, Run, StoredPolicy
+from reconciler.domain.schedule import ScheduleState
 from reconciler.events import scrub_text
 from reconciler.store.errors import StoreError, StoreTooNew
-from reconciler.store.sqlite import SCHEMA_VERSION
+from reconciler.store.sqlite import (
+    _CLOSE_RUN,
+    _PRUNE_RUNS,
+    SCHEMA_VERSION,
+    _schedule_row,
+    _schedule_state,
+)
 
 SCHEMA = "reconciler"
 #: ``pg_advisory_xact_lock`` key for migrations: a constant unlikely to clash in a shared database.
@@ -91,6 +98,26 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     CREATE TABLE cancels (name TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
     CREATE INDEX cancels_at ON cancels(at);
+    """,
+    # Scheduled manifests (issue 16): as store/sqlite.py's version 4.
+    4: """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        cron TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        since DOUBLE PRECISION NOT NULL,
+        last_slot DOUBLE PRECISION,
+        epoch BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE runs (
+        name TEXT NOT NULL,
+        slot DOUBLE PRECISION NOT NULL,
+        uid TEXT NOT NULL,
+        job_id TEXT,
+        outcome TEXT NOT NULL,
+        epoch BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, slot)
+    );
     """,
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION, "both engines carry the same schema versions"
@@ -296,9 +323,31 @@ class PostgresStore:
                 f"ON CONFLICT (job_id) DO UPDATE SET {updates}",
                 (*astuple(approval), epoch))
 
-    def commit_intents(self, records: Sequence[Record]) -> None:
-        """Intents and outcomes alike commit synchronously here: one round trip either way."""
-        self._write(records)
+    def commit_intents(
+        self, records: Sequence[Record], *, schedules: Mapping[str, ScheduleState] | None = None,
+        runs: Sequence[Run] = (), keep_runs: Mapping[str, int] | None = None,
+    ) -> None:
+        """Intents and outcomes alike commit synchronously here: one round trip either way.
+        ``schedules``, ``runs`` and ``keep_runs`` as in store/sqlite.py, same transaction."""
+        self._write(records, schedules or {}, runs, keep_runs or {})
+
+    def schedules(self) -> dict[str, ScheduleState]:
+        rows = self._query("SELECT name, cron, timezone, since, last_slot FROM schedules")
+        return {row["name"]: _schedule_state(row) for row in rows}
+
+    def runs(self, name: str | None = None) -> list[Run]:
+        sql = "SELECT name, slot, uid, job_id, outcome FROM runs"
+        sql += " WHERE name = %s" if name is not None else ""
+        rows = self._query(sql + " ORDER BY name, slot DESC", (name,) if name is not None else ())
+        return [Run(**row) for row in rows]
+
+    def drop_schedules(self, names: Iterable[str]) -> None:
+        gone = list(names)
+        if not gone:
+            return
+        with self._transaction() as (cur, _):
+            cur.execute("DELETE FROM schedules WHERE name = ANY(%s)", (gone,))
+            cur.execute("DELETE FROM runs WHERE name = ANY(%s)", (gone,))
 
     def save(self, records: Sequence[Record]) -> None:
         self._write(records)
@@ -313,8 +362,10 @@ class PostgresStore:
             for name in gone:
                 self._cache.pop(name, None)
 
-    def _write(self, records: Sequence[Record]) -> None:
-        if not records:
+    def _write(self, records: Sequence[Record],
+               schedules: Mapping[str, ScheduleState] | None = None, runs: Sequence[Run] = (),
+               keep_runs: Mapping[str, int] | None = None) -> None:
+        if not records and not schedules and not runs:
             return
         now = time.time()
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in [*_COLUMNS[1:], "epoch"])
@@ -324,7 +375,22 @@ class PostgresStore:
         with self._transaction() as (cur, epoch):
             rows = [(*(asdict(r) | {"phase": str(r.phase), "updated_at": now}).values(), epoch)
                     for r in records]
-            cur.executemany(sql, rows)
+            for run in runs:  # before the jobs rows: see store/sqlite.py
+                cur.execute(_CLOSE_RUN.replace("?", "%s"), (run.name, run.name))
+                cur.execute("INSERT INTO runs VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
+                            "(name, slot) DO UPDATE SET uid = EXCLUDED.uid, job_id = "
+                            "EXCLUDED.job_id, outcome = EXCLUDED.outcome, epoch = EXCLUDED.epoch",
+                            (run.name, run.slot, run.uid, run.job_id, run.outcome, epoch))
+            for name, keep in (keep_runs or {}).items():
+                cur.execute(_PRUNE_RUNS, (name, name, keep + 1))
+            if schedules:
+                cur.executemany(
+                    "INSERT INTO schedules VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) "
+                    "DO UPDATE SET cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, since = "
+                    "EXCLUDED.since, last_slot = EXCLUDED.last_slot, epoch = EXCLUDED.epoch",
+                    [(*_schedule_row(n, st), epoch) for n, st in schedules.items()])
+            if rows:
+                cur.executemany(sql, rows)
         if self._cache is not None:
             for record in records:
                 self._cache[record.name] = replace(record, updated_at=now)

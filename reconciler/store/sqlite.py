@@ -41,16 +41,18 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, astuple, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
+from reconciler.domain.records import Approval, Phase, Record, Run, StoredPolicy
+from reconciler.domain.schedule import ScheduleState
 from reconciler.ports import Leadership
 from reconciler.store.errors import StoreCorrupt, StoreError, StoreLocked, StoreTooNew
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoreCorrupt", "StoreError", "StoreLocked", "StoreTooNew"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Cancels older than this are pruned: the longest ``mass_cancel_window`` allowed.
 CANCEL_HISTORY = 7 * 86400.0
 
@@ -98,6 +100,25 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     CREATE TABLE cancels (name TEXT NOT NULL, at REAL NOT NULL);
     CREATE INDEX cancels_at ON cancels(at);
+    """,
+    # Scheduled manifests (issue 16): each one's ScheduleState, and its recent runs (keepRuns).
+    # The newest run of a name is the job its jobs row records (docs/design.md, "Schedules").
+    4: """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        cron TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        since REAL NOT NULL,
+        last_slot REAL
+    );
+    CREATE TABLE runs (
+        name TEXT NOT NULL,
+        slot REAL NOT NULL,
+        uid TEXT NOT NULL,
+        job_id TEXT,
+        outcome TEXT NOT NULL,
+        PRIMARY KEY (name, slot)
+    );
     """,
 }
 
@@ -310,9 +331,40 @@ class Store:
                     "WHERE state != 'pending' ORDER BY decided_at LIMIT ?)", (excess,)).rowcount
         return int(gone)
 
-    def commit_intents(self, records: Sequence[Record]) -> None:
-        """Write intents durably (FULL): one fsync for the whole batch."""
-        self._write(records, durable=True)
+    def commit_intents(
+        self, records: Sequence[Record], *, schedules: Mapping[str, ScheduleState] | None = None,
+        runs: Sequence[Run] = (), keep_runs: Mapping[str, int] | None = None,
+    ) -> None:
+        """Write intents durably (FULL): one fsync for the whole batch. With them, in the same
+        transaction: ``schedules`` (the state after a slot's decision) and ``runs`` (new runs;
+        each name's previous run is closed with its record's phase and job first, and only the
+        newest ``keep_runs[name] + 1`` runs are kept)."""
+        self._write(records, durable=True, schedules=schedules or {}, runs=runs,
+                    keep_runs=keep_runs or {})
+
+    def schedules(self) -> dict[str, ScheduleState]:
+        """The recorded state of every scheduled manifest, by name."""
+        with _translated(self.path):
+            rows = self._db.execute("SELECT * FROM schedules").fetchall()
+        return {row["name"]: _schedule_state(dict(row)) for row in rows}
+
+    def runs(self, name: str | None = None) -> list[Run]:
+        """Recent runs, newest first (of one name, or of all)."""
+        sql = "SELECT name, slot, uid, job_id, outcome FROM runs"
+        sql += " WHERE name = ?" if name is not None else ""
+        with _translated(self.path):
+            rows = self._db.execute(sql + " ORDER BY name, slot DESC",
+                                    (name,) if name is not None else ()).fetchall()
+        return [Run(**dict(row)) for row in rows]
+
+    def drop_schedules(self, names: Iterable[str]) -> None:
+        """Forget the schedule state and runs of names no longer scheduled."""
+        gone = [(n,) for n in names]
+        if not gone:
+            return
+        with _translated(self.path), self._transaction(durable=False):
+            self._db.executemany("DELETE FROM schedules WHERE name = ?", gone)
+            self._db.executemany("DELETE FROM runs WHERE name = ?", gone)
 
     def save(self, records: Sequence[Record]) -> None:
         """Write outcomes (NORMAL): cheap; an intent already guards each of them."""
@@ -345,22 +397,38 @@ class Store:
             for name in gone:
                 self._cache.pop(name, None)
 
-    def _write(self, records: Sequence[Record], durable: bool) -> None:
-        if not records:
+    def _write(self, records: Sequence[Record], durable: bool,
+               schedules: Mapping[str, ScheduleState] | None = None, runs: Sequence[Run] = (),
+               keep_runs: Mapping[str, int] | None = None) -> None:
+        if not records and not schedules and not runs:
             return
         now = time.time()
         rows = [asdict(r) | {"phase": str(r.phase), "updated_at": now} for r in records]
         placeholders = ", ".join(f":{c}" for c in _COLUMNS)
         sql = f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+
+        def write() -> None:
+            # Runs first: a name's previous run is closed from its jobs row before the new
+            # intent overwrites that row.
+            for run in runs:
+                self._db.execute(_CLOSE_RUN, (run.name, run.name))
+                self._db.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
+                                 (run.name, run.slot, run.uid, run.job_id, run.outcome))
+            for name, keep in (keep_runs or {}).items():
+                self._db.execute(_PRUNE_RUNS.replace("%s", "?"), (name, name, keep + 1))
+            self._db.executemany("INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?, ?)",
+                                 [_schedule_row(n, s) for n, s in (schedules or {}).items()])
+            self._db.executemany(sql, rows)
+
         with _translated(self.path):
             try:
                 with self._transaction(durable):
-                    self._db.executemany(sql, rows)
+                    write()
             except sqlite3.DatabaseError as exc:
                 if not _out_of_space(exc):
                     raise
                 with self._transaction(durable):  # once, after the WAL was checkpointed
-                    self._db.executemany(sql, rows)
+                    write()
         if self._cache is not None:  # only once the transaction committed
             for record in records:
                 self._cache[record.name] = replace(record, updated_at=now)
@@ -393,6 +461,35 @@ class Store:
         except sqlite3.DatabaseError:
             busy = 1
         self._reclaim_pending = bool(busy)
+
+
+#: Close a name's newest open run with what its jobs row says (phase and job id), before a new
+#: run's intent overwrites that row. Shared with store/postgres.py (``%s`` placeholders there).
+_CLOSE_RUN = """
+UPDATE runs SET outcome = (SELECT phase FROM jobs WHERE jobs.name = runs.name),
+                job_id = (SELECT job_id FROM jobs WHERE jobs.name = runs.name)
+WHERE name = ? AND outcome = 'current'
+  AND slot = (SELECT max(slot) FROM runs r WHERE r.name = ?)
+  AND EXISTS (SELECT 1 FROM jobs WHERE jobs.name = runs.name)
+"""
+_PRUNE_RUNS = """
+DELETE FROM runs WHERE name = %s AND slot NOT IN
+  (SELECT slot FROM runs r WHERE r.name = %s ORDER BY slot DESC LIMIT %s)
+"""
+
+
+def _schedule_row(name: str, state: ScheduleState) -> tuple[str, str, str, float, float | None]:
+    last = state.last_slot.timestamp() if state.last_slot is not None else None
+    return (name, state.key[0], state.key[1], state.since.timestamp(), last)
+
+
+def _schedule_state(row: Mapping[str, Any]) -> ScheduleState:
+    def instant(value: float) -> datetime:
+        return datetime.fromtimestamp(value, UTC)
+
+    last = row["last_slot"]
+    return ScheduleState((row["cron"], row["timezone"]), instant(row["since"]),
+                         None if last is None else instant(last))
 
 
 def _out_of_space(exc: BaseException) -> bool:
