@@ -199,7 +199,9 @@ def _wasm(wasm: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[di
 
 
 def _result_path(output: dict[str, Any], index: int) -> dict[str, Any]:
-    for key in ("StorageSource", "CID", "URL", "S3", "Repo", "SourcePath", "Metadata"):
+    # An output's StorageSource (IPFS in every Bacalhau example) never meant anything: the
+    # publisher decides where results go; Bacalhau's own translation ignored it too.
+    for key in ("CID", "URL", "S3", "Repo", "SourcePath", "Metadata"):
         if output.get(key):
             raise _Refused(f"Outputs.{index}.{key}", "an output is only a Name and a Path")
     return {key: output[key] for key in ("Name", "Path") if output.get(key)}
@@ -251,6 +253,8 @@ def _job_to_spec(job: dict[str, Any]) -> dict[str, Any]:
         spec["Docker"] = params
     elif kind == "Wasm":
         spec["Wasm"] = _wasm_back(params, sources, env)
+    elif params:
+        raise _Refused("Tasks.0.Engine.Params", "a V1beta1 Noop engine takes none")
     publisher = task.get("Publisher") or {"Type": "noop"}  # none publishes nothing: Noop
     back = _PUBLISHERS_BACK.get(publisher.get("Type", ""))
     if back is None:
