@@ -98,6 +98,8 @@ def standard_metrics() -> Metrics:
          ("operation", "status")),
         ("reconciler_request_duration_seconds", "histogram", "Request latency by operation.",
          ("operation",)),
+        ("reconciler_api_info", "gauge", "1 for the API, mode and server version in use.",
+         ("api", "mode", "server_version")),
     ]:
         metrics.describe(name, kind, text, labels)
     return metrics
