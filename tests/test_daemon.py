@@ -377,14 +377,16 @@ def test_poll_mode_sees_changes(tmp_path: Path, dev: DevProcess,
     wait_until(lambda: by_name(dev).get("a") == ["Cancelled"], timeout=5)
 
 
-def test_run_dev_quick_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["1.0", "1.9"])
+def test_run_dev_quick_start(tmp_path: Path, version: str) -> None:
     """The README's first command, minus the install: `reconciler run --dev` in a folder with
-    ./manifests reconciles it against an embedded requester, says so first, cleans up after."""
+    ./manifests reconciles it against an embedded requester, says so first, cleans up after;
+    with --bacalhau-version 1.9 on the orchestrator API."""
     (tmp_path / "manifests").mkdir()
     (tmp_path / "manifests" / "hello.yaml").write_text(envelope("hello"))
     process = subprocess.Popen([sys.executable, "-m", "reconciler", "--log-format", "json",
-                                "run", "--dev"], cwd=tmp_path, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
+                                "run", "--dev", "--bacalhau-version", version], cwd=tmp_path,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert process.stderr is not None
     lines = []
     for line in process.stderr:
@@ -398,6 +400,8 @@ def test_run_dev_quick_start(tmp_path: Path) -> None:
     assert "embedded dev requester" in lines[0]["note"]
     submitted = [e for e in lines if e["event"] == "job.submitted"]
     assert [e["name"] for e in submitted] == ["hello"]
+    [started] = [e for e in lines if e["event"] == "daemon.started"]
+    assert started["api_mode"] == ("name" if version == "1.9" else "legacy")
     assert not Path(lines[0]["key"]).exists()  # the throwaway key is gone
 
 

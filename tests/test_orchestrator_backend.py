@@ -10,6 +10,7 @@ foreign job of the same name, an ambiguous PUT, paging, version detection.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -363,3 +364,16 @@ def test_the_wire_stays_in_backends() -> None:
     for module in ("engine/executor.py", "service/daemon.py", "domain/plan.py", "ports.py"):
         text = (Path(__file__).parents[1] / "reconciler" / module).read_text()
         assert "Labels" not in text and "next_token" not in text, module
+
+
+def test_status_shows_the_api_and_mode(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9")
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    folder.apply()
+    result = CliRunner().invoke(main, ["status", "--json", "--manifests", str(folder.root),
+                                       "--state", str(folder.state), "--endpoint", server.url])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["api"] == {"api": "orchestrator", "mode": "name", "server_version": "v1.9.3"}
+    assert status["jobs"][0]["job_id"].startswith("j-")

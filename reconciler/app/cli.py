@@ -422,7 +422,7 @@ _STATE_COLOURS = {"ready": "green", "degraded": "yellow", "not ready": "red"}
 
 
 @main.command()
-@common_options(*_SOURCE)
+@common_options("endpoint", "api", *_SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
 @click.option("--approvals", is_flag=True, help="List approval requests (pending first).")
 def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) -> None:
@@ -442,6 +442,9 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         reconciler = wiring.reconciler(settings, store)
         desired, the_plan = reconciler.plan()
         records = store.records()
+    choice = asyncio.run(wiring.choose_api(settings, wait=2.0))
+    api = {"api": choice.api, "mode": choice.mode,
+           "server_version": choice.server_version or ("unknown" if choice.detail else "")}
     overall = PassResult(desired, the_plan).overall
     if overall == "ready" and the_plan.changes:
         # Changes not carried out yet (a requester that could not be reached, a daemon that is
@@ -460,10 +463,12 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
     if as_json:
         out(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
                         if the_plan.guards else "", "refreshed_at": iso_time(refreshed),
-                        "recorded_at": iso_time(written), "jobs": rows}, indent=2))
+                        "recorded_at": iso_time(written), "api": api, "jobs": rows}, indent=2))
         return
     out(f"state: {overall}" + (f" ({held} held manifests)" if held else ""),
         fg=_STATE_COLOURS.get(overall), bold=True)
+    out(f"api: {api['api']} ({api['mode']} mode), server "
+        f"{api['server_version'] or 'without a version route (legacy)'}")
     age = f" ({refreshed - written:.0f}s ago)" if written else ""
     out(f"as of {iso_time(refreshed)}: source read now; store last written "
         f"{iso_time(written) or 'never'}{age}")

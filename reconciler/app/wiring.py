@@ -126,7 +126,7 @@ class ApiChoice:
         return "legacy" if self.mode == "legacy" else "orchestrator"
 
 
-async def choose_api(settings: Settings) -> ApiChoice:
+async def choose_api(settings: Settings, *, wait: float = 10.0) -> ApiChoice:
     """``settings.api`` made concrete. ``auto`` asks ``GET /api/v1/agent/version``: v1.5+ is
     the orchestrator (v1.8+ by name, else by label), a 404 or an older server legacy. When
     the server cannot be asked, auto assumes legacy (the default before issue 14); the daemon
@@ -135,7 +135,7 @@ async def choose_api(settings: Settings) -> ApiChoice:
         return ApiChoice("legacy", "")
     try:
         version = await detect_version(settings.endpoint,
-                                       wait=min(10.0, settings.request_timeout))
+                                       wait=min(wait, settings.request_timeout))
     except RequesterError as exc:
         if settings.api == "orchestrator":
             return ApiChoice("name", "", f"version unknown ({exc}); name mode assumed")
