@@ -377,3 +377,23 @@ def test_status_shows_the_api_and_mode(tmp_path: Path, dev: Any) -> None:
     status = json.loads(result.stdout)
     assert status["api"] == {"api": "orchestrator", "mode": "name", "server_version": "v1.9.3"}
     assert status["jobs"][0]["job_id"].startswith("j-")
+
+
+def test_a_cold_sync_puts_alone_yet_never_takes_a_foreign_name(tmp_path: Path,
+                                                               dev: Any) -> None:
+    server = dev("1.9")
+    foreign = {"Name": "alpha", "Type": "batch", "Tasks": [
+        {"Name": "main", "Engine": {"Type": "docker", "Params": {"Image": "x"}}}]}
+    httpx.put(server.url + JOBS, json={"Job": foreign}, timeout=5).raise_for_status()
+    folder = Folder(tmp_path, server.url)
+    for name in ("alpha", "beta", "gamma"):
+        folder.write(f"{name}.yaml", envelope(name))
+    result = folder.apply(expect=1)
+    assert "alpha.yaml: a job named alpha" in result.output and "not ours" in result.output
+    jobs = by_name(server)
+    assert jobs["alpha"][0]["Version"] == 1  # untouched
+    assert sorted(jobs) == ["alpha", "beta", "gamma"]
+    stats = server.stats()
+    # beta and gamma: one listing, then their PUTs alone; alpha (taken) was looked up.
+    assert stats["GET /orchestrator/jobs/{id}"] == 1
+    assert stats["PUT /orchestrator/jobs"] == 3  # the foreign one and ours

@@ -29,6 +29,7 @@ import base64
 import json
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,6 +65,9 @@ MANAGER = "reconciler"
 INSTANCE_LABEL = "reconciler-instance"
 UID_LABEL = "reconciler-uid"
 SPEC_META = "reconciler/spec"
+#: How long a name a full listing found free is trusted to stay free, so that the PUT of a
+#: cold sync needs no lookup of its own (docs/design.md, "The orchestrator backend").
+ABSENT_TTL = 60.0
 #: Uids per label-selector lookup (``reconciler-uid in (...)``: 33 bytes each in the URL).
 UID_BATCH = 100
 PAGE = 500
@@ -293,7 +297,9 @@ class OrchestratorClient:
         jobs: list[dict[str, Any]] = []
         token = ""
         while True:
-            params = {"namespace": self.namespace, "labels": selector, "limit": str(PAGE)}
+            params = {"namespace": self.namespace, "limit": str(PAGE)}
+            if selector:
+                params["labels"] = selector
             if token:
                 params["next_token"] = token
             reply = await self._retrying(lambda p=params: self._send(  # type: ignore[misc]
@@ -392,6 +398,8 @@ class OrchestratorBackend:
         self.version = version
         self.instance = instance
         self._version_tuple = _version_tuple(version)
+        #: Names a listing of the whole namespace just found free (name mode), and when.
+        self._free: dict[str, float] = {}
 
     @property
     def identity(self) -> str:
@@ -431,8 +439,13 @@ class OrchestratorBackend:
         job = self.job_of(manifest, uid)
         if self.mode == "label":
             return JobInfo(await self.client.put_job(job), JobPhase.RUNNING, "Pending", uid=uid)
+        free_since = self._free.pop(manifest.name, None)
         for _ in range(3):  # a lost create race (409) is looked up again
-            existing = await self._by_name(manifest.name)
+            if free_since is not None and time.monotonic() - free_since < ABSENT_TTL:
+                existing = None  # seen free moments ago: a cold sync sends the PUT alone
+            else:
+                existing = await self._by_name(manifest.name)
+            free_since = None
             if existing is not None and not self._ours(existing):
                 raise Conflict(
                     f"{manifest.path}: a job named {manifest.name} ({_text(existing, 'ID')}) "
@@ -472,14 +485,26 @@ class OrchestratorBackend:
         return found
 
     async def find_by_name(self, names: Sequence[str]) -> dict[str, list[JobInfo]]:
+        """Our jobs of these names. In name mode the whole namespace is listed, foreign jobs
+        too, so the names it finds free can be PUT without a lookup each for a few seconds
+        (``ABSENT_TTL``): the executor asks this before the submits of a cold sync."""
         wanted = set(names)
         if not wanted:
             return {}
         found: dict[str, list[JobInfo]] = {}
-        for job in await self.client.list_jobs(self._selector()):
+        taken: set[str] = set()
+        started = time.monotonic()
+        whole = self.mode == "name"
+        for job in await self.client.list_jobs("" if whole else self._selector()):
             name = _text(job, "Name")
-            if name in wanted:
+            if name not in wanted:
+                continue
+            taken.add(name)
+            if self._ours(job):
                 found.setdefault(name, []).append(job_info(job))
+        if whole:
+            self._free = {n: t for n, t in self._free.items() if started - t < ABSENT_TTL}
+            self._free.update(dict.fromkeys(wanted - taken, started))
         return found
 
     async def stop(self, job_id: str, reason: str) -> str:
