@@ -68,6 +68,8 @@ SPEC_META = "reconciler/spec"
 #: How long a name a full listing found free is trusted to stay free, so that the PUT of a
 #: cold sync needs no lookup of its own (docs/design.md, "The orchestrator backend").
 ABSENT_TTL = 60.0
+#: Translations kept (a pass's worth; cleared when full).
+TRANSLATIONS_KEPT = 20_000
 #: Uids per label-selector lookup (``reconciler-uid in (...)``: 33 bytes each in the URL).
 UID_BATCH = 100
 PAGE = 500
@@ -400,6 +402,8 @@ class OrchestratorBackend:
         self._version_tuple = _version_tuple(version)
         #: Names a listing of the whole namespace just found free (name mode), and when.
         self._free: dict[str, float] = {}
+        #: Translations by manifest: the executor asks refusal() then submit() of each.
+        self._translated: dict[tuple[str, str, str, int], dict[str, Any] | LoadError] = {}
 
     @property
     def identity(self) -> str:
@@ -413,8 +417,17 @@ class OrchestratorBackend:
     def refusal(self, manifest: Manifest) -> str | None:
         """Why this manifest cannot run here (a V1beta1 field with no counterpart), naming
         the file and the field; checked before anything is sent or cancelled."""
-        outcome = to_orchestrator(manifest)
+        outcome = self._translate(manifest)
         return str(outcome) if isinstance(outcome, LoadError) else None
+
+    def _translate(self, manifest: Manifest) -> dict[str, Any] | LoadError:
+        key = (manifest.name, manifest.spec_hash, manifest.path, manifest.line)
+        outcome = self._translated.get(key)
+        if outcome is None:
+            if len(self._translated) >= TRANSLATIONS_KEPT:
+                self._translated.clear()
+            outcome = self._translated[key] = to_orchestrator(manifest)
+        return outcome
 
     def _ours(self, job: Mapping[str, Any]) -> bool:
         labels = _labels(job)
@@ -424,7 +437,7 @@ class OrchestratorBackend:
         return ",".join([f"{MANAGED_BY}={MANAGER}", f"{INSTANCE_LABEL}={self.instance}", *more])
 
     def job_of(self, manifest: Manifest, uid: str) -> dict[str, Any]:
-        outcome = to_orchestrator(manifest)
+        outcome = self._translate(manifest)  # hygienic() copies: the cached value is kept
         if isinstance(outcome, LoadError):
             raise InvalidRequest(str(outcome))
         job = hygienic(outcome, self._version_tuple)
