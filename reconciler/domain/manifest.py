@@ -435,7 +435,7 @@ def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
     claimed = _claimed_name(value)
     # Exactly one of spec (V1beta1) and job (orchestrator): checked first, so that two
     # half-written jobs are not both reported field by field.
-    given = [key for key in ("spec", "job") if key in value]
+    given = [key for key in ("spec", "job") if value.get(key) is not None]
     if len(given) == 2:
         return LoadError(path, _line_of(doc, ("job",)), "job",
                          "give spec (a V1beta1 Spec) or job (an orchestrator Job), not both",
@@ -611,7 +611,8 @@ def _model_in(annotation: object) -> type[BaseModel] | None:
 
 
 def _field_path(loc: Sequence[int | str]) -> str:
-    return ".".join(str(part) for part in loc)
+    # A key may hold a newline (`{"\n"}`); the error must stay one line.
+    return ".".join(str(part).encode("unicode_escape").decode("ascii") for part in loc)
 
 
 def _line_of(doc: _Document, loc: Sequence[int | str]) -> int:
