@@ -440,13 +440,15 @@ def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
         return LoadError(path, _line_of(doc, ("job",)), "job",
                          "give spec (a V1beta1 Spec) or job (an orchestrator Job), not both",
                          claimed)
-    if not given:
-        return LoadError(path, doc.line, "spec",
-                         "Field required (or job: an orchestrator Job)", claimed)
+    missing = () if given else (
+        LoadError(path, doc.line, "spec", "Field required (or job: an orchestrator Job)",
+                  claimed),)
     try:
         envelope = _Envelope.model_validate(value)
     except ValidationError as exc:
-        return _validation_errors(path, doc, exc, claimed, _Envelope)
+        return _validation_errors(path, doc, exc, claimed, _Envelope) + missing
+    if missing:
+        return missing
     name = envelope.metadata.name
     if not is_manifest_name(name):
         return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
