@@ -171,6 +171,11 @@ def test_the_envelope_takes_exactly_one_of_spec_and_job() -> None:
     assert [str(e) for e in result.errors] == [
         "x.yaml:1: spec: Field required (or job: an orchestrator Job)"]
     assert result.errors[0].names == ("hello",)  # still held by name
+    assert errors("x.yaml", neither + "spec:\n") == [
+        "x.yaml:1: spec: Field required (or job: an orchestrator Job)"]
+    assert errors("x.yaml", "apiVersion: reconciler/v1\nkind: Job\n") == [
+        "x.yaml:1: metadata: Field required",
+        "x.yaml:1: spec: Field required (or job: an orchestrator Job)"]
 
 
 def test_a_job_name_inside_the_envelope_must_match() -> None:

@@ -435,18 +435,20 @@ def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
     claimed = _claimed_name(value)
     # Exactly one of spec (V1beta1) and job (orchestrator): checked first, so that two
     # half-written jobs are not both reported field by field.
-    given = [key for key in ("spec", "job") if key in value]
+    given = [key for key in ("spec", "job") if value.get(key) is not None]
     if len(given) == 2:
         return LoadError(path, _line_of(doc, ("job",)), "job",
                          "give spec (a V1beta1 Spec) or job (an orchestrator Job), not both",
                          claimed)
-    if not given:
-        return LoadError(path, doc.line, "spec",
-                         "Field required (or job: an orchestrator Job)", claimed)
+    missing = () if given else (
+        LoadError(path, doc.line, "spec", "Field required (or job: an orchestrator Job)",
+                  claimed),)
     try:
         envelope = _Envelope.model_validate(value)
     except ValidationError as exc:
-        return _validation_errors(path, doc, exc, claimed, _Envelope)
+        return _validation_errors(path, doc, exc, claimed, _Envelope) + missing
+    if missing:
+        return missing
     name = envelope.metadata.name
     if not is_manifest_name(name):
         return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
@@ -611,7 +613,8 @@ def _model_in(annotation: object) -> type[BaseModel] | None:
 
 
 def _field_path(loc: Sequence[int | str]) -> str:
-    return ".".join(str(part) for part in loc)
+    # A key may hold a newline (`{"\n"}`); the error must stay one line.
+    return ".".join(str(part).encode("unicode_escape").decode("ascii") for part in loc)
 
 
 def _line_of(doc: _Document, loc: Sequence[int | str]) -> int:
