@@ -163,13 +163,11 @@ def signer_from(settings: Settings) -> Signer:
 
 def maybe_signer(settings: Settings) -> Signer | None:
     """The signing key; only the legacy API needs one, so with ``api`` auto or orchestrator a
-    missing key is an error only once the requester turns out to be legacy."""
-    if settings.api == "legacy":
-        return signer_from(settings)
-    try:
-        return load_signer(settings.key_path())
-    except KeyFileError:
-        return None
+    key file that is not there at all is an error only once the requester turns out to be
+    legacy. A key given or present is loaded and refused as before (loose mode, bad PEM)."""
+    if settings.api == "legacy" or settings.key is not None or settings.key_path().exists():
+        return signer_from(settings)  # a key that is there is checked (permissions) as ever
+    return None
 
 
 @contextmanager
