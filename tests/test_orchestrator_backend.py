@@ -397,3 +397,18 @@ def test_a_cold_sync_puts_alone_yet_never_takes_a_foreign_name(tmp_path: Path,
     # beta and gamma: one listing, then their PUTs alone; alpha (taken) was looked up.
     assert stats["GET /orchestrator/jobs/{id}"] == 1
     assert stats["PUT /orchestrator/jobs"] == 3  # the foreign one and ours
+
+
+def test_user_and_password_are_basic_auth(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9", api_user="ops:s3cretpw")
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    result = folder.apply(expect=1, env={"BACALHAU_API_USERNAME": "ops",
+                                         "BACALHAU_API_PASSWORD": "wrongpw"})
+    assert "HTTP 401" in result.output and "wrongpw" not in result.output
+    folder.apply(env={"BACALHAU_API_USERNAME": "ops", "BACALHAU_API_PASSWORD": "s3cretpw"})
+    assert list(by_name(server)) == ["alpha"]
+    result = folder.apply(expect=1, env={"BACALHAU_API_USERNAME": "ops",
+                                         "BACALHAU_API_PASSWORD": "s3cretpw",
+                                         "BACALHAU_API_KEY": KEY})
+    assert "give one" in result.output and KEY not in result.output
