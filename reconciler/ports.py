@@ -125,6 +125,26 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class UpdatesInPlace(Protocol):
+    """The optional capability of a backend that changes a job in place (Bacalhau v1.8+ by
+    name: same job id, version + 1). When ``updates_in_place`` is true the executor carries a
+    replace out as one submit under a fresh uid, with no cancel first (docs/design.md, "The
+    orchestrator backend")."""
+
+    @property
+    def updates_in_place(self) -> bool: ...
+
+
+@runtime_checkable
+class Refusing(Protocol):
+    """The optional capability of a backend that can tell, before sending anything, that it
+    cannot run a manifest (a field its API has no counterpart for). The answer is one line
+    naming the file and the field; the executor then sends nothing and cancels nothing."""
+
+    def refusal(self, manifest: Manifest) -> str | None: ...
+
+
 class Leadership(Protocol):
     """The right to be the one writer of a store. Its holder may cache what it wrote (nobody
     else writes); the store does not take it on its own, the wiring does."""

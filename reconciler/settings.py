@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reconciler.events import truncate
@@ -60,6 +60,22 @@ class Settings(BaseSettings):
                             "(or a symlink to one that a syncer swaps).")
     endpoint: str = Field("http://127.0.0.1:1234", description="Base URL of the requester.")
     api_prefix: str = Field("/api/v1", description="Path prefix of the requester API.")
+    api: Literal["auto", "legacy", "orchestrator"] = Field(
+        "auto", description="Which API the requester speaks: auto asks GET "
+        "/api/v1/agent/version (v1.5+: orchestrator, by name from v1.8, by label before; a "
+        "404: legacy); legacy is the signed V1beta1 API of Bacalhau <= 1.4.")
+    namespace: str = Field("default", min_length=1, description="Orchestrator namespace of "
+                           "the jobs.")
+    instance: str = Field("default", pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",
+                          description="Value of the reconciler-instance label: two "
+                          "reconcilers sharing a namespace must differ.")
+    api_key: SecretStr | None = Field(None, description="Orchestrator API key (Bearer). "
+                                      "Default: $CREDENTIALS_DIRECTORY/api-key, then "
+                                      "BACALHAU_API_KEY.")
+    api_username: str | None = Field(None, description="Orchestrator user (Basic auth), with "
+                                     "api_password; default BACALHAU_API_USERNAME.")
+    api_password: SecretStr | None = Field(None, description="Its password; default "
+                                           "BACALHAU_API_PASSWORD.")
     key: Path | None = Field(None, description="Signing key (RSA or Ed25519 PEM). Default: "
                              "$CREDENTIALS_DIRECTORY/signing-key, then ~/.bacalhau/user_id.pem.")
     state: Path | None = Field(None, description="State database. Default: "
@@ -133,6 +149,31 @@ class Settings(BaseSettings):
         if credentials and (Path(credentials) / "signing-key").exists():
             return Path(credentials) / "signing-key"
         return CLI_KEY.expanduser()
+
+
+def api_credentials(settings: Settings) -> tuple[str | None, str | None, str | None]:
+    """(api key, user, password) for the orchestrator: the config (or RECONCILER_*), else the
+    systemd credential ``api-key``, else the Bacalhau CLI's variables. A key and a user from
+    anywhere together is an error, as in the Bacalhau CLI. The message never holds a secret."""
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    user = settings.api_username
+    password = settings.api_password.get_secret_value() if settings.api_password else None
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if key is None and credentials and (Path(credentials) / "api-key").is_file():
+        try:
+            key = (Path(credentials) / "api-key").read_text().strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{credentials}/api-key: cannot read ({type(exc).__name__})"
+                                ) from None
+    key = key or os.environ.get("BACALHAU_API_KEY") or None
+    user = user or os.environ.get("BACALHAU_API_USERNAME") or None
+    password = password or os.environ.get("BACALHAU_API_PASSWORD") or None
+    if key and (user or password):
+        raise SettingsError("api_key and api_username/api_password are both set (config, "
+                            "$CREDENTIALS_DIRECTORY/api-key or BACALHAU_API_*): give one")
+    if (user is None) != (password is None):
+        raise SettingsError("api_username and api_password go together: one is missing")
+    return key, user, password
 
 
 def load_settings(config: Path | None = None, **flags: Any) -> Settings:

@@ -114,11 +114,14 @@ def test_durations_in_the_config(tmp_path: Path) -> None:
 def test_status_and_approve_list_only_what_they_use() -> None:
     status = cli("status", "--help").stdout
     assert "--state" in status and "--manifests" in status
-    assert "--endpoint" not in status and "--key" not in status
+    assert "--key" not in status
     assert "--git-interval" not in status
+    # Both ask the requester which API it speaks (issue 14): status shows it, approve refuses
+    # an orchestrator (no job approval there).
+    assert "--endpoint" in status and "--api" in status
     approve = cli("approve", "--help").stdout
-    assert "--key" in approve and "--node" in approve
-    for unused in ("--manifests", "--git-url", "--endpoint", "--allow-empty"):
+    assert "--key" in approve and "--node" in approve and "--api" in approve
+    for unused in ("--manifests", "--git-url", "--allow-empty"):
         assert unused not in approve
     assert "--allow-empty" in cli("plan", "--help").stdout
     # Hidden, not refused: a script passing a common set of options keeps working.

@@ -389,14 +389,16 @@ def test_poll_mode_sees_changes(tmp_path: Path, dev: DevProcess,
     wait_until(lambda: by_name(dev).get("a") == ["Cancelled"])
 
 
-def test_run_dev_quick_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["1.0", "1.9"])
+def test_run_dev_quick_start(tmp_path: Path, version: str) -> None:
     """The README's first command, minus the install: `reconciler run --dev` in a folder with
-    ./manifests reconciles it against an embedded requester, says so first, cleans up after."""
+    ./manifests reconciles it against an embedded requester, says so first, cleans up after;
+    with --bacalhau-version 1.9 on the orchestrator API."""
     (tmp_path / "manifests").mkdir()
     (tmp_path / "manifests" / "hello.yaml").write_text(envelope("hello"))
     process = subprocess.Popen([sys.executable, "-m", "reconciler", "--log-format", "json",
-                                "run", "--dev"], cwd=tmp_path, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
+                                "run", "--dev", "--bacalhau-version", version], cwd=tmp_path,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert process.stderr is not None
     lines = []
     for line in process.stderr:
@@ -410,6 +412,8 @@ def test_run_dev_quick_start(tmp_path: Path) -> None:
     assert "embedded dev requester" in lines[0]["note"]
     submitted = [e for e in lines if e["event"] == "job.submitted"]
     assert [e["name"] for e in submitted] == ["hello"]
+    [started] = [e for e in lines if e["event"] == "daemon.started"]
+    assert started["api_mode"] == ("name" if version == "1.9" else "legacy")
     assert not Path(lines[0]["key"]).exists()  # the throwaway key is gone
 
 
@@ -476,3 +480,73 @@ def test_a_file_removed_while_stopped_is_cancelled_after_its_grace(
     assert [e["name"] for e in cancelled] == ["gone"]
     assert cancelled[0]["timestamp"] >= passes[0]["timestamp"]
     assert by_name(dev) == {"keep": ["New"], "gone": ["Cancelled"]}
+
+
+# --- every Bacalhau profile (issue 14) ------------------------------------------------------
+
+
+def states_by_name(dev: DevProcess) -> dict[str, list[str]]:
+    """Like by_name, for jobs of any API: states in legacy terms, New, Queued and InProgress
+    all ``live`` (an orchestrator job is Pending, then Running once read)."""
+    from tests.reliability.common import as_legacy
+
+    jobs: dict[str, list[str]] = {}
+    for job in map(as_legacy, dev.jobs()):
+        state = job["State"]["State"]
+        for tag in job["Job"]["Spec"]["Annotations"]:
+            if tag.startswith("reconciler-manifest:"):
+                jobs.setdefault(tag.split(":", 1)[1], []).append(
+                    "live" if state in ("New", "Queued", "InProgress") else state)
+    return {name: sorted(states) for name, states in jobs.items()}
+
+
+@pytest.mark.parametrize("profile", ["1.0", "1.6", "1.9"])
+def test_add_change_remove_on_every_profile(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess],
+    started: Callable[..., DaemonProcess], profile: str,
+) -> None:
+    dev = dev_factory("--job-duration", "600", "--bacalhau-version", profile)
+    root = tmp_path / "manifests"
+    root.mkdir()
+    write_atomic(root / "keep.yaml", envelope("keep"))
+    daemon = started(dev, "--metrics-listen", "127.0.0.1:0")
+    [event] = daemon.wait_event("daemon.started")
+    expected = {"1.0": ("legacy", "legacy"), "1.6": ("orchestrator", "label"),
+                "1.9": ("orchestrator", "name")}[profile]
+    assert (event["api"], event["api_mode"]) == expected
+    [listening] = daemon.wait_event("metrics.listening")
+    metrics = httpx.get("http://" + listening["listen"] + "/metrics").text
+    assert f'reconciler_api_info{{api="{expected[0]}",mode="{expected[1]}"' in metrics
+    live = "live"
+    (root / "a.yaml").write_text(envelope("a"))
+    wait_until(lambda: states_by_name(dev).get("a") == [live])
+    write_atomic(root / "a.yaml", envelope("a", image="alpine"))
+    # By name (1.9) the job is updated in place: still one job.
+    after_change = [live] if profile == "1.9" else ["Cancelled", live]
+    daemon.wait_event("job.submitted", 3)
+    wait_until(lambda: states_by_name(dev).get("a") == after_change)
+    (root / "a.yaml").unlink()
+    wait_until(lambda: live not in states_by_name(dev).get("a", [live]))
+    assert states_by_name(dev)["keep"] == [live]
+    submitted = Counter(e["name"] for e in daemon.named("job.submitted"))
+    assert submitted == {"keep": 1, "a": 2}  # 0 duplicates, 0 lost
+
+
+def test_a_server_upgrade_is_followed_at_the_next_resync(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess],
+    started: Callable[..., DaemonProcess],
+) -> None:
+    dev = dev_factory("--job-duration", "600")  # 1.0: legacy
+    port = dev.url.rsplit(":", 1)[1]
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("a"))
+    daemon = started(dev, env={"RECONCILER_RESYNC_INTERVAL": "0.5"})
+    wait_until(lambda: states_by_name(dev).get("a") == ["live"])
+    dev.stop()
+    upgraded = dev_factory("--port", port, "--job-duration", "600", "--bacalhau-version", "1.9")
+    [changed] = daemon.wait_event("api.changed", timeout=20)
+    assert (changed["api_mode"], changed["previous_mode"]) == ("name", "legacy")
+    (root / "b.yaml").write_text(envelope("b"))
+    wait_until(lambda: states_by_name(upgraded).get("b") == ["live"], timeout=20)
+    assert daemon.process.poll() is None

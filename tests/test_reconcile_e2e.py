@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -156,3 +156,27 @@ spec:
         assert secret not in result.stdout + result.stderr
     # The requester itself got the values (they are the job's), of course.
     assert any(secret in str(j["Job"]["Spec"]) for j in h.jobs("s3"))
+
+
+@pytest.mark.parametrize("profile", ["1.0", "1.6", "1.9"])
+def test_add_change_remove_on_every_profile(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path, profile: str
+) -> None:
+    """Issue 14: the same folder history against Bacalhau 1.0 (legacy), 1.6 (orchestrator, by
+    label) and 1.9 (by name) under --api auto: 0 duplicates, 0 lost, removals stopped."""
+    from tests.reliability.common import audit
+
+    dev = dev_factory("--job-duration", "600", "--bacalhau-version", profile)
+    h = Harness(tmp_path, dev, rsa_key)
+    wanted = {"a": "img:1", "b": "img:2", "c": "img:3"}
+    for name, image in wanted.items():
+        h.write(f"{name}.yaml", envelope(name, image=image))
+    h.apply("--api", "auto")
+    wanted["a"] = "img:4"
+    h.write("a.yaml", envelope("a", image="img:4"))
+    (h.root / "c.yaml").unlink()
+    del wanted["c"]
+    h.apply()
+    result = audit(dev.jobs(), wanted)
+    assert result.clean, result.problems
+    assert set(h.records()) == {"a", "b"}

@@ -112,6 +112,12 @@ _SHARED: dict[str, Callable[..., Any]] = {
         "--endpoint", hidden=hidden, help="Requester base URL [default: http://127.0.0.1:1234]."),
     "key": lambda hidden: click.option(
         "--key", type=click.Path(path_type=Path), hidden=hidden, help="Signing key file."),
+    "api": lambda hidden: click.option(
+        "--api", type=click.Choice(["auto", "legacy", "orchestrator"]), hidden=hidden,
+        help="The requester's API: auto asks its version (v1.5+: orchestrator) "
+        "[default: auto]."),
+    "namespace": lambda hidden: click.option(
+        "--namespace", hidden=hidden, help="Orchestrator namespace [default: default]."),
     "state": lambda hidden: click.option(
         "--state", type=click.Path(path_type=Path), hidden=hidden, help="State database."),
     "git_url": lambda hidden: click.option(
@@ -154,6 +160,15 @@ def signer_from(settings: Settings) -> Signer:
         return load_signer(settings.key_path())
     except KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def maybe_signer(settings: Settings) -> Signer | None:
+    """The signing key; only the legacy API needs one, so with ``api`` auto or orchestrator a
+    key file that is not there at all is an error only once the requester turns out to be
+    legacy. A key given or present is loaded and refused as before (loose mode, bad PEM)."""
+    if settings.api == "legacy" or settings.key is not None or settings.key_path().exists():
+        return signer_from(settings)  # a key that is there is checked (permissions) as ever
+    return None
 
 
 @contextmanager
@@ -310,7 +325,7 @@ def print_plan(the_plan: Plan, errors: list[str], show_all: bool = False,
 
 
 @main.command("apply")
-@common_options("endpoint", "key", *_SOURCE)
+@common_options("endpoint", "key", "api", "namespace", *_SOURCE)
 @click.option("--allow-mass-cancel", is_flag=True,
               help="Allow this one run to cancel past the mass-cancel guard.")
 @click.option("--dry-run", is_flag=True,
@@ -326,9 +341,13 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
         desired, the_plan, changes = _preview(settings, allow_mass_cancel)
         print_plan(the_plan, [str(e) for e in desired.errors], changes=changes)
         sys.exit(plan_exit(desired, the_plan))
-    signer = signer_from(settings)
+    signer = maybe_signer(settings)
     with opened_store(settings, writer=True) as store:
-        outcome = asyncio.run(apply_until_settled(settings, signer, store, allow_mass_cancel))
+        try:
+            outcome = asyncio.run(apply_until_settled(settings, signer, store,
+                                                      allow_mass_cancel))
+        except SettingsError as exc:
+            raise click.ClickException(str(exc)) from None
     result = outcome.result
     out(result.summary(), bold=True)
     for error in result.report.errors:
@@ -352,7 +371,7 @@ class ApplyOutcome:
 
 
 async def apply_until_settled(
-    settings: Settings, signer: Signer, store: StateStore, allow_mass_cancel: bool,
+    settings: Settings, signer: Signer | None, store: StateStore, allow_mass_cancel: bool,
     rounds: int = 5,
 ) -> ApplyOutcome:
     """Passes until a plan has no changes (a replace or resolve can take two passes)."""
@@ -405,7 +424,7 @@ _STATE_COLOURS = {"ready": "green", "degraded": "yellow", "not ready": "red"}
 
 
 @main.command()
-@common_options(*_SOURCE)
+@common_options("endpoint", "api", *_SOURCE)
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
 @click.option("--approvals", is_flag=True, help="List approval requests (pending first).")
 def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) -> None:
@@ -426,6 +445,9 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         desired, the_plan = reconciler.plan()
         records = store.records()
         runs = store.runs()
+    choice = asyncio.run(wiring.choose_api(settings, wait=2.0))
+    api = {"api": choice.api, "mode": choice.mode,
+           "server_version": choice.server_version or ("unknown" if choice.detail else "")}
     overall = PassResult(desired, the_plan).overall
     if overall == "ready" and any(d.action is not Action.SKIP for d in the_plan.changes):
         # Changes not carried out yet (a requester that could not be reached, a daemon that is
@@ -445,11 +467,13 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
     if as_json:
         out(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
                         if the_plan.guards else "", "refreshed_at": iso_time(refreshed),
-                        "recorded_at": iso_time(written), "jobs": rows,
+                        "recorded_at": iso_time(written), "api": api, "jobs": rows,
                         "schedules": schedules}, indent=2))
         return
     out(f"state: {overall}" + (f" ({held} held manifests)" if held else ""),
         fg=_STATE_COLOURS.get(overall), bold=True)
+    out(f"api: {api['api']} ({api['mode']} mode), server "
+        f"{api['server_version'] or 'without a version route (legacy)'}")
     age = f" ({refreshed - written:.0f}s ago)" if written else ""
     out(f"as of {iso_time(refreshed)}: source read now; store last written "
         f"{iso_time(written) or 'never'}{age}")
@@ -515,22 +539,25 @@ def _schedule_rows(the_plan: Plan, records: list[Record], runs: list[Run]
 
 
 @main.command()
-@common_options("endpoint", "key", "git_interval", *_SOURCE)
+@common_options("endpoint", "key", "api", "namespace", "git_interval", *_SOURCE)
 @click.option("--watch", type=click.Choice(["inotify", "poll"]),
               help="How to notice changes [default: inotify; poll for NFS and the like].")
 @click.option("--metrics-listen", help="host:port for /metrics, /healthz, /readyz, /sync.")
 @click.option("--probe-listen", help="host:port of the job-selection probe (POST /probe).")
 @click.option("--dev", is_flag=True, help="Start an embedded dev requester with a temporary "
               "key and state, and reconcile against it.")
-def run(config: Path | None, dev: bool, **flags: Any) -> None:
+@click.option("--bacalhau-version", type=click.Choice(["1.0", "1.6", "1.9"]), default="1.0",
+              show_default=True, help="With --dev: the Bacalhau the dev requester emulates "
+              "(1.9: the orchestrator API with job names).")
+def run(config: Path | None, dev: bool, bacalhau_version: str, **flags: Any) -> None:
     """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
     settings = settings_from(config, **flags)
     dev_overrides: dict[str, Any] = {}
     requester = None
     if dev:
-        requester, dev_overrides = _start_dev(settings)
+        requester, dev_overrides = _start_dev(settings, bacalhau_version)
         settings = settings.model_copy(update=dev_overrides)
-    signer = signer_from(settings)
+    signer = maybe_signer(settings)
     try:
         with opened_store(settings, writer=True) as store:
             daemon = wiring.daemon(
@@ -546,7 +573,8 @@ def run(config: Path | None, dev: bool, **flags: Any) -> None:
     sys.exit(code)
 
 
-def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
+def _start_dev(settings: Settings, bacalhau_version: str = "1.0"
+               ) -> tuple[Any, dict[str, Any]]:
     """The quick start: a dev requester on a free loopback port, a throwaway key and store."""
     import tempfile
 
@@ -560,7 +588,8 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
         "dev.started", note="reconciling against an embedded dev requester; its jobs live in "
         "memory and end when this process stops", manifests=str(settings.manifests.absolute()),
         key=str(key), state=str(state))
-    requester = DevRequesterThread(DevConfig(job_duration=30.0)).start()
+    requester = DevRequesterThread(DevConfig(job_duration=30.0,
+                                             bacalhau_version=bacalhau_version)).start()
     manifests = str(settings.manifests.absolute())
     hint = (f"reconciler status --state {state} --manifests {manifests}; "
             f"reconciler plan --state {state} --manifests {manifests}")
@@ -576,7 +605,7 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
 
 
 @main.command()
-@common_options("config", "key", "state")
+@common_options("config", "key", "state", "endpoint", "api")
 @click.argument("job_id")
 @click.option("--node", help="Compute node base URL [default: the callback of the recorded "
               "pending approval].")
@@ -584,8 +613,16 @@ def _start_dev(settings: Settings) -> tuple[Any, dict[str, Any]]:
 @click.option("--reason", default="", help="Reason sent to the node.")
 def approve(config: Path | None, job_id: str, node: str | None, reject: bool, reason: str,
             **flags: Any) -> None:
-    """Approve (or --reject) a job waiting on a compute node, with a signed request."""
+    """Approve (or --reject) a job waiting on a compute node, with a signed request.
+
+    Legacy API only: Bacalhau v1.5+ (the orchestrator API) has no job approval (exit 1)."""
     settings = settings_from(config, **flags)
+    choice = asyncio.run(wiring.choose_api(settings))
+    if choice.api == "orchestrator":
+        raise click.ClickException(
+            f"{job_id}: the requester speaks the orchestrator API (Bacalhau "
+            f"{choice.server_version or 'v1.5+'}), which has no job approval: there is nothing "
+            "to approve (approval is for legacy compute nodes, Bacalhau <= 1.4)")
     signer = signer_from(settings)
     url = _approve_url(settings, job_id, node)
     verdict = "rejected" if reject else "approved"

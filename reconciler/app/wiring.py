@@ -10,17 +10,27 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler.backends.errors import RequesterError
 from reconciler.backends.legacy import ApiClient, RetryPolicy
 from reconciler.backends.legacy_jobs import LegacyBackend
+from reconciler.backends.orchestrator import (
+    Credentials,
+    Mode,
+    OrchestratorBackend,
+    OrchestratorClient,
+    detect_version,
+    mode_of,
+)
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
 from reconciler.engine.reconcile import Reconciler
 from reconciler.ports import Backend, Source, StateStore
-from reconciler.settings import Settings
+from reconciler.settings import Settings, api_credentials
 from reconciler.sources.folder import FolderSource
 from reconciler.sources.watch import Watcher
 from reconciler.store.lease import FileLease
@@ -103,17 +113,76 @@ def approver(settings: Settings, signer: Signer) -> ApiClient:
                      retry=RetryPolicy(attempts=3))
 
 
+@dataclass(frozen=True)
+class ApiChoice:
+    """Which backend, and why: for ``daemon.started``, ``status`` and the metric."""
+
+    mode: Mode  # legacy | label | name
+    server_version: str  # the server's GitVersion; "" when it has none (legacy-era) or unknown
+    detail: str = ""  # why, when auto could not ask
+
+    @property
+    def api(self) -> str:
+        return "legacy" if self.mode == "legacy" else "orchestrator"
+
+
+async def choose_api(settings: Settings, *, wait: float = 10.0) -> ApiChoice:
+    """``settings.api`` made concrete. ``auto`` asks ``GET /api/v1/agent/version``: v1.5+ is
+    the orchestrator (v1.8+ by name, else by label), a 404 or an older server legacy. When
+    the server cannot be asked, auto assumes legacy (the default before issue 14); the daemon
+    asks again at each resync and follows a change."""
+    if settings.api == "legacy":
+        return ApiChoice("legacy", "")
+    try:
+        version = await detect_version(settings.endpoint,
+                                       wait=min(wait, settings.request_timeout))
+    except RequesterError as exc:
+        if settings.api == "orchestrator":
+            return ApiChoice("name", "", f"version unknown ({exc}); name mode assumed")
+        return ApiChoice("legacy", "", f"version unknown ({exc}); legacy assumed")
+    mode = mode_of(version)
+    if settings.api == "orchestrator" and mode == "legacy":
+        mode = "name"  # asked for explicitly: an unknown version is taken to be the newest
+    return ApiChoice(mode, version or "")
+
+
+def credentials(settings: Settings) -> Credentials:
+    key, user, password = api_credentials(settings)
+    return Credentials(api_key=key, username=user, password=password)
+
+
 @contextlib.asynccontextmanager
 async def backend(
-    settings: Settings, signer: Signer, *, on_request: OnRequest | None = None,
-    max_connections: int = 16,
+    settings: Settings, signer: Signer | None, *, on_request: OnRequest | None = None,
+    max_connections: int = 16, choice: ApiChoice | None = None,
 ) -> AsyncIterator[Backend]:
-    """The backend that runs jobs, open for the duration of the ``async with``."""
+    """The backend that runs jobs, open for the duration of the ``async with``: the legacy
+    API (signed) or the orchestrator API, as :func:`choose_api` says (or ``choice``)."""
+    choice = choice or await choose_api(settings)
+    if choice.mode != "legacy":
+        async with OrchestratorClient(settings.endpoint, namespace=settings.namespace,
+                                      credentials=credentials(settings),
+                                      timeout=settings.request_timeout,
+                                      max_connections=max_connections) as orchestrator:
+            orchestrator.on_request = on_request
+            yield OrchestratorBackend(orchestrator, mode=choice.mode,
+                                      version=choice.server_version, instance=settings.instance)
+        return
+    if signer is None:
+        raise RequesterError("the legacy API needs a signing key (--key)")
     async with ApiClient(settings.endpoint, signer, prefix=settings.api_prefix,
                          timeout=settings.request_timeout,
                          max_connections=max_connections) as client:
         client.on_request = on_request
         yield LegacyBackend(client)
+
+
+def api_of(jobs: Backend) -> dict[str, str]:
+    """The api, mode and server version a backend was opened with (events and status)."""
+    if isinstance(jobs, OrchestratorBackend):
+        return {"api": "orchestrator", "api_mode": jobs.mode,
+                "server_version": jobs.version or "unknown"}
+    return {"api": "legacy", "api_mode": "legacy", "server_version": ""}
 
 
 def executor(
@@ -133,7 +202,7 @@ def reconciler(
 
 
 def daemon(
-    settings: Settings, signer: Signer, state: StateStore, *,
+    settings: Settings, signer: Signer | None, state: StateStore, *,
     reload: Callable[[], Settings] | None = None, notifier: Notifier | None = None,
 ) -> Daemon:
     from reconciler.service.daemon import Daemon

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from reconciler.backends.errors import NotFound
+from reconciler.backends.errors import InvalidRequest, NotFound
 from reconciler.backends.legacy import WireJob
-from reconciler.domain.manifest import Manifest
+from reconciler.domain.manifest import LoadError, Manifest
+from reconciler.domain.translate import to_legacy
 from reconciler.ports import JobInfo, JobPhase
 
 UID_TAG = "reconciler-uid:"
@@ -105,8 +106,16 @@ class LegacyBackend:
     def identity(self) -> str:
         return self.client.client_id
 
+    def refusal(self, manifest: Manifest) -> str | None:
+        """Why the legacy API cannot run this manifest (an orchestrator-only job), naming the
+        file and the field; the executor then sends and cancels nothing."""
+        outcome = to_legacy(manifest)
+        return str(outcome) if isinstance(outcome, LoadError) else None
+
     async def submit(self, manifest: Manifest, uid: str) -> JobInfo:
-        spec = manifest.wire()
+        spec = to_legacy(manifest)
+        if isinstance(spec, LoadError):
+            raise InvalidRequest(str(spec))
         spec["Annotations"] = [*spec.get("Annotations", []), *job_annotations(manifest, uid)]
         job_id = await self.client.submit(spec)
         return JobInfo(job_id, JobPhase.RUNNING, SUBMITTED_STATE)

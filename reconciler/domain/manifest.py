@@ -4,12 +4,14 @@ Two forms are read, from YAML (several documents allowed) or JSON:
 
 1. the native Bacalhau job file, exactly what ``bacalhau create`` reads (``APIVersion`` and
    ``Spec``, keys case-insensitive); its name is the file's stem, lower-cased;
-2. the reconciler envelope::
+2. an orchestrator job file, exactly what ``bacalhau job run`` reads (``Type``, ``Count``,
+   ``Tasks``, ...; ``domain/jobspec.py``); its name is ``Name``, else the file's stem, lower-cased;
+3. the reconciler envelope::
 
        apiVersion: reconciler/v1
        kind: Job
        metadata: {name: nightly-report, labels: {team: data}}
-       spec: {...a Bacalhau Spec...}
+       spec: {...a Bacalhau V1beta1 Spec...}   # or job: {...an orchestrator Job...}
        policy: {onChange: replace, onRemove: cancel, onFailure: none, maxRetries: 3}
 
    and, for a scheduled manifest, ``schedule`` (cron), ``timezone``, ``concurrency``,
@@ -30,7 +32,7 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -45,6 +47,7 @@ from pydantic import (
 )
 
 from reconciler.domain.approval import ApprovalPolicy
+from reconciler.domain.jobspec import LONG_RUNNING_TYPES, Job, job_problems, job_wire
 from reconciler.domain.schedule import Schedule, check_expression, check_timezone
 from reconciler.domain.spec import (
     Spec,
@@ -73,11 +76,21 @@ _COMPOSER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_NODES = 100_000  # values in one document after alias expansion: stops YAML bombs
 ENVELOPE_API = "reconciler/v1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+#: Which form a manifest's job is in: a V1beta1 Spec or an orchestrator Job.
+JobForm = Literal["v1beta1", "orchestrator"]
+V1BETA1: Final = "v1beta1"
+ORCHESTRATOR: Final = "orchestrator"
 _SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def is_manifest_name(name: str) -> bool:
     return bool(_NAME.match(name))
+
+
+def is_id_like(name: str) -> bool:
+    """Could be taken for a job id prefix: Bacalhau v1.8+ looks ``{idOrName}`` up by name, then
+    by id prefix, so a missing name ``j-0a`` finds another job (docs/wire-orchestrator.md 4.1)."""
+    return name == "j" or name.startswith("j-")
 
 
 def wanted_file(name: str) -> bool:
@@ -154,7 +167,8 @@ class _Envelope(BaseModel):
     api_version: Literal["reconciler/v1"] = Field(alias="apiVersion")
     kind: Literal["Job"]
     metadata: _Metadata
-    spec: Spec
+    spec: Spec | None = None
+    job: Job | None = None
     policy: Policy = Field(default_factory=Policy)
 
 
@@ -190,16 +204,37 @@ class Manifest:
     line: int = 1
     labels: Mapping[str, str] = field(default_factory=dict)
     policy: Policy = DEFAULT_POLICY
+    #: ``v1beta1``: ``wire_json`` is a V1beta1 Spec; ``orchestrator``: an orchestrator Job.
+    #: A backend reads the other form through ``domain/translate.py``.
+    form: JobForm = V1BETA1
+    #: The orchestrator job type (``batch`` for a V1beta1 Spec, ``ops`` when it targets all).
+    job_type: str = "batch"
+
+    @property
+    def long_running(self) -> bool:
+        """A service or daemon job: never completes, kept running."""
+        return self.job_type in LONG_RUNNING_TYPES
+
+    @classmethod
+    def of_job(cls, name: str, job: Job, path: str, line: int = 1,
+               labels: Mapping[str, str] | None = None, policy: Policy | None = None
+               ) -> Manifest:
+        wire = canonical_json(job_wire(job))
+        return cls(name, wire, hash_wire(wire), path, line, labels or {},
+                   DEFAULT_POLICY if policy is None or policy == DEFAULT_POLICY else policy,
+                   ORCHESTRATOR, job.type)
 
     @classmethod
     def of(cls, name: str, spec: Spec, path: str, line: int = 1,
            labels: Mapping[str, str] | None = None, policy: Policy | None = None) -> Manifest:
         wire = wire_json(spec)
         return cls(name, wire, hash_wire(wire), path, line, labels or {},
-                   DEFAULT_POLICY if policy is None or policy == DEFAULT_POLICY else policy)
+                   DEFAULT_POLICY if policy is None or policy == DEFAULT_POLICY else policy,
+                   V1BETA1, "ops" if spec.deal is not None and spec.deal.targeting_mode
+                   else "batch")
 
     def wire(self) -> dict[str, Any]:
-        """The spec as sent: Go names, string enums."""
+        """The spec as sent: Go names, string enums (in the manifest's own ``form``)."""
         value: dict[str, Any] = json.loads(self.wire_json)
         return value
 
@@ -373,6 +408,8 @@ def _read_document(path: str, stem: str, doc: _Document) -> Outcome:
         return _read_policy(path, doc, value)
     if _is_envelope(value):
         return _read_envelope(path, doc, value)
+    if _is_orchestrator_job(value):
+        return _read_orchestrator(path, stem, doc, value)
     return _read_native(path, stem, doc, value)
 
 
@@ -396,15 +433,79 @@ def _unsupported_api(path: str, doc: _Document, value: dict[Any, Any]) -> LoadEr
 
 def _read_envelope(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
     claimed = _claimed_name(value)
+    # Exactly one of spec (V1beta1) and job (orchestrator): checked first, so that two
+    # half-written jobs are not both reported field by field.
+    given = [key for key in ("spec", "job") if value.get(key) is not None]
+    if len(given) == 2:
+        return LoadError(path, _line_of(doc, ("job",)), "job",
+                         "give spec (a V1beta1 Spec) or job (an orchestrator Job), not both",
+                         claimed)
+    missing = () if given else (
+        LoadError(path, doc.line, "spec", "Field required (or job: an orchestrator Job)",
+                  claimed),)
     try:
         envelope = _Envelope.model_validate(value)
     except ValidationError as exc:
-        return _validation_errors(path, doc, exc, claimed, _Envelope)
+        return _validation_errors(path, doc, exc, claimed, _Envelope) + missing
+    if missing:
+        return missing
     name = envelope.metadata.name
     if not is_manifest_name(name):
         return _name_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
+    if is_id_like(name):
+        return _id_like_error(path, _line_of(doc, ("metadata", "name")), "metadata.name")
+    if envelope.job is not None:
+        if envelope.job.name not in (None, name):
+            # The manifest's name is the job's name on the server (name mode).
+            return LoadError(path, _line_of(doc, ("job", "Name")), "job.Name",
+                             "differs from metadata.name (leave it out)", claimed)
+        problems = _job_errors(path, doc, envelope.job, ("job",), claimed)
+        if problems:
+            return problems
+        return Manifest.of_job(name, envelope.job, path, doc.line, envelope.metadata.labels,
+                               envelope.policy)
+    assert envelope.spec is not None
     return Manifest.of(name, envelope.spec, path, doc.line, envelope.metadata.labels,
                        envelope.policy)
+
+
+def _job_errors(path: str, doc: _Document, job: Job, prefix: tuple[str, ...],
+                claimed: tuple[str, ...]) -> tuple[LoadError, ...]:
+    """The server's submit rules, offline, for the newest server (docs/wire-orchestrator.md 5);
+    a backend re-checks the rules that depend on its server's version."""
+    return tuple(
+        LoadError(path, _line_of(doc, (*prefix, *loc)), _field_path((*prefix, *loc)),
+                  message, claimed)
+        for loc, message in job_problems(job))
+
+
+def _is_orchestrator_job(value: Mapping[Any, Any]) -> bool:
+    """An orchestrator job file has ``Tasks`` (or ``Type``) and no V1beta1 ``Spec``."""
+    keys = {key.lower() for key in value if isinstance(key, str)}
+    return "spec" not in keys and "apiversion" not in keys and bool(keys & {"tasks", "type"})
+
+
+def _read_orchestrator(path: str, stem: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
+    named = next((val for key, val in value.items()
+                  if isinstance(key, str) and key.lower() == "name"), None)
+    name = named if isinstance(named, str) and named else stem
+    where = "Name" if isinstance(named, str) and named else "file name"
+    line = _line_of(doc, ("Name",)) if where == "Name" else doc.line
+    claimed = (name,) if is_manifest_name(name) and not is_id_like(name) else ()
+    try:
+        job = Job.model_validate(value)
+    except ValidationError as exc:
+        return _validation_errors(path, doc, exc, claimed, Job)
+    except ValueError as exc:
+        return LoadError(path, doc.line, "document", str(exc), claimed)
+    if not is_manifest_name(name):
+        return _name_error(path, line, where)
+    if is_id_like(name):
+        return _id_like_error(path, line, where)
+    problems = _job_errors(path, doc, job, (), claimed)
+    if problems:
+        return problems
+    return Manifest.of_job(name, job, path, doc.line)
 
 
 def _read_policy(path: str, doc: _Document, value: dict[Any, Any]) -> Outcome:
@@ -432,6 +533,8 @@ def _read_native(path: str, stem: str, doc: _Document, value: dict[Any, Any]) ->
         return LoadError(path, doc.line, "document", str(exc), claimed)
     if not claimed:
         return _name_error(path, doc.line, "file name")
+    if is_id_like(stem):
+        return _id_like_error(path, doc.line, "file name")
     spec = parse_spec(native.spec.model_dump(mode="json"))
     return Manifest.of(stem, spec, path, doc.line)
 
@@ -447,6 +550,11 @@ def _name_error(path: str, line: int, where: str) -> LoadError:
         path, line, where,
         "not a valid manifest name: 1-63 of a-z 0-9 . _ - starting with a letter or digit",
     )
+
+
+def _id_like_error(path: str, line: int, where: str) -> LoadError:
+    return LoadError(path, line, where,
+                     "must not be j or start with j-: Bacalhau could take it for a job id prefix")
 
 
 def _validation_errors(
@@ -505,7 +613,8 @@ def _model_in(annotation: object) -> type[BaseModel] | None:
 
 
 def _field_path(loc: Sequence[int | str]) -> str:
-    return ".".join(str(part) for part in loc)
+    # A key may hold a newline (`{"\n"}`); the error must stay one line.
+    return ".".join(str(part).encode("unicode_escape").decode("ascii") for part in loc)
 
 
 def _line_of(doc: _Document, loc: Sequence[int | str]) -> int:

@@ -45,7 +45,7 @@ from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy, Scheduled
 from reconciler.domain.records import Phase, Record, Run
 from reconciler.domain.schedule import ScheduleState
 from reconciler.events import iso_time
-from reconciler.ports import Backend, JobInfo, JobPhase, StateStore
+from reconciler.ports import Backend, JobInfo, JobPhase, Refusing, StateStore, UpdatesInPlace
 from reconciler.store.errors import StoreError
 
 INTENT_BATCH = 256
@@ -164,6 +164,7 @@ class Executor:
         self._record_schedules(plan, report)
         actions = [d for d in changes if d.action not in (Action.FORGET, Action.UPDATE,
                                                           Action.RESOLVE, Action.SKIP)]
+        actions = self._refuse(actions, report)
         actions = await self._look_up_by_name(plan, actions, report)
         await self._resolve([d for d in changes if d.action is Action.RESOLVE], report, run)
         report.total = len(actions)
@@ -223,12 +224,24 @@ class Executor:
 
     # --- intents ------------------------------------------------------------------------
 
+    def _in_place(self, decision: Decision) -> bool:
+        """A replace the backend does as one update of the same job (no cancel first)."""
+        return (decision.action is Action.REPLACE and decision.manifest is not None
+                and isinstance(self._backend, UpdatesInPlace) and self._backend.updates_in_place)
+
     def _intent(self, decision: Decision, revision: str | None) -> Record:
         record = decision.record
         if decision.action in (Action.SUBMIT, Action.RESUBMIT):
             assert decision.manifest is not None
             return self._submit_intent(decision.manifest, record, revision,
                                        uid=_slot_uid(decision))
+        if self._in_place(decision):
+            assert decision.manifest is not None and record is not None
+            # The old job id stays in the intent: it is the job the update lands on, and the
+            # one to stop should the manifest go away while the update is in doubt.
+            return replace(self._submit_intent(decision.manifest, record, revision,
+                                               uid=_slot_uid(decision)),
+                           job_id=record.job_id)
         assert record is not None  # cancel and replace act on a recorded job
         return replace(record, phase=Phase.CANCELLING, revision=revision or record.revision)
 
@@ -317,6 +330,12 @@ class Executor:
             assert decision.manifest is not None
             await self._submit(decision.manifest, intent, report, decision.reason)
             return
+        if intent.phase is Phase.SUBMITTING:  # a replace done in place (see _intent)
+            assert decision.manifest is not None and decision.record is not None
+            await self._submit(decision.manifest, intent, report,
+                               "spec changed: the job is updated in place (same id, next "
+                               "version)", kept=decision.record)
+            return
         done = await self._cancel(intent, decision.reason, report)
         if not done:
             return
@@ -333,8 +352,10 @@ class Executor:
 
     async def _submit(
         self, manifest: Manifest, intent: Record, report: ApplyReport, reason: str,
-        *, resolve_unknown: bool = True,
+        *, resolve_unknown: bool = True, kept: Record | None = None,
     ) -> None:
+        """``kept``: the record of the job an in-place update changes; a refused update leaves
+        that job (and its record) as they were."""
         assert intent.uid is not None
         fields = self._fields(intent, reason=reason)
         try:
@@ -348,6 +369,9 @@ class Executor:
                 await self._resolve_records([(intent, manifest, Action.RESUBMIT)], report)
             return
         except RequesterError as exc:
+            if kept is not None:
+                self._failed(kept, "update", exc, report)
+                return
             self._failed(intent, "submit", exc, report)
             return
         self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
@@ -404,6 +428,36 @@ class Executor:
                         retry_at=iso_time(record.next_attempt_at))
         report.count(f"{what}.failed")
         report.errors.append(f"{record.name}: {what}: {exc}")
+
+    def _refuse(self, actions: list[Decision], report: ApplyReport) -> list[Decision]:
+        """Actions whose manifest the backend says it cannot run (the other API's form) are
+        not carried out: nothing is sent and nothing cancelled, the record keeps its job and
+        says why (a manifest without a record gets an error record, retried after backoff).
+        Returns the actions left."""
+        if not isinstance(self._backend, Refusing):
+            return actions
+        left: list[Decision] = []
+        for decision in actions:
+            manifest = decision.manifest
+            why = (self._backend.refusal(manifest) if manifest is not None
+                   and decision.action in (Action.SUBMIT, Action.RESUBMIT, Action.REPLACE)
+                   else None)
+            if why is None:
+                left.append(decision)
+                continue
+            assert manifest is not None
+            record = decision.record
+            if record is None or record.phase not in (Phase.ACTIVE, Phase.CANCELLING):
+                record = replace(self._submit_intent(manifest, record, None), phase=Phase.ERROR,
+                                 uid=None, next_attempt_at=self._clock()
+                                 + self._policy.backoff(record.attempts if record else 1))
+            self._store.save([replace(record, last_error=why)])
+            self._log.error("action.failed", **self._fields(record), action="refused",
+                            error=why, reason="the backend cannot run this manifest; nothing "
+                            "was sent or cancelled")
+            report.count("refused")
+            report.errors.append(f"{decision.name}: {why}")
+        return left
 
     def _forget(self, decisions: Sequence[Decision], report: ApplyReport) -> None:
         if not decisions:
@@ -585,6 +639,10 @@ class Executor:
         reason = f"uid {record.uid} not found after {self._confirmations} lookups"
         self._suspect(record.name)  # should that request be stored late, it is a duplicate
         if then is Action.FORGET:
+            # An in-place update in doubt: its job is still there, so it is stopped first.
+            if record.job_id is not None and not await self._cancel(record, "manifest removed",
+                                                                    report):
+                return
             self._store.forget([record.name])
             self._log.info("job.forgotten", **self._fields(record), reason=reason)
             report.count("resolve.forgotten")

@@ -68,7 +68,7 @@ class Daemon:
     def __init__(
         self,
         settings: Settings,
-        signer: Signer,
+        signer: Signer | None,
         store: StateStore,
         *,
         reload: Callable[[], Settings] | None = None,
@@ -132,16 +132,30 @@ class Daemon:
         probe = await self._start_probe()
         pinger = self._start_watchdog()
         try:
-            async with wiring.backend(self.settings, self._signer, on_request=self._on_request,
-                                      max_connections=max(16, self.settings.concurrency)
-                                      ) as backend:
-                self._backend: Backend = backend
-                self._log.info("daemon.started", manifests=self._describe_source(),
-                               endpoint=self.settings.endpoint, client_id=backend.identity,
-                               state=self._store.location, watch=self.settings.watch,
-                               pid=os.getpid())
-                self._executor = self._new_executor()
-                await self._work_loop()
+            self._api = await wiring.choose_api(self.settings)
+            started = False
+            while not self._stopping:
+                # Reopened when the server's API or mode changed under us (an upgrade): the
+                # store and its records stay; only the backend is replaced.
+                async with wiring.backend(self.settings, self._signer,
+                                          on_request=self._on_request, choice=self._api,
+                                          max_connections=max(16, self.settings.concurrency)
+                                          ) as backend:
+                    self._backend: Backend = backend
+                    api = wiring.api_of(backend)
+                    self._metrics.replace("reconciler_api_info", [
+                        ({"api": api["api"], "mode": api["api_mode"],
+                          "server_version": api["server_version"]}, 1.0)])
+                    if not started:
+                        self._log.info("daemon.started", manifests=self._describe_source(),
+                                       endpoint=self.settings.endpoint,
+                                       client_id=backend.identity, **api,
+                                       state=self._store.location, watch=self.settings.watch,
+                                       pid=os.getpid())
+                        started = True
+                    self._executor = self._new_executor()
+                    if not await self._work_loop():
+                        break
         finally:
             self._notifier.stopping()
             if pinger is not None:
@@ -165,14 +179,19 @@ class Daemon:
             return self._git.describe()
         return str(self.settings.manifests)
 
-    async def _work_loop(self) -> None:
+    async def _work_loop(self) -> bool:
+        """Work until stopped (False) or until the server's API changed (True: reopen)."""
         next_resync = time.monotonic()  # the first pass runs at once
         next_poll = next_resync + self.settings.poll_interval
         self._fetches.next_at = next_resync if self._git else float("inf")
+        first = True
         while True:
             work = await self._next_work(next_resync, next_poll)
             if work is _Work.STOP:
-                return
+                return False
+            if not first and time.monotonic() >= next_resync and await self._api_changed():
+                return True
+            first = False
             if self._reload_requested:
                 self._apply_reload()
             if work is _Work.FETCH and not await self._fetch():
@@ -183,6 +202,22 @@ class Daemon:
                 if not changed:
                     continue
             next_resync = time.monotonic() + await self._pass_then_delay()
+
+    async def _api_changed(self) -> bool:
+        """At a resync, ask the server's version again (auto only): an upgrade from 1.7 to
+        1.9, or from a legacy requester to an orchestrator, is followed (``api.changed``)."""
+        if self.settings.api != "auto":
+            return False
+        choice = await wiring.choose_api(self.settings)
+        if choice.detail or (choice.mode, choice.server_version) == (
+                self._api.mode, self._api.server_version):
+            return False  # unknown now (unreachable): keep what works
+        self._log.warning("api.changed", api=choice.api, api_mode=choice.mode,
+                          server_version=choice.server_version or "none",
+                          previous_mode=self._api.mode,
+                          previous_version=self._api.server_version or "none")
+        self._api = choice
+        return True
 
     async def _next_work(self, next_resync: float, next_poll: float) -> _Work:
         while True:

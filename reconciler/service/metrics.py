@@ -104,6 +104,8 @@ def standard_metrics() -> Metrics:
         ("reconciler_schedule_last_runs", "gauge", "Scheduled manifests by the outcome of "
                                                    "their last run (its record's phase).",
          ("outcome",)),
+        ("reconciler_api_info", "gauge", "1 for the API, mode and server version in use.",
+         ("api", "mode", "server_version")),
     ]:
         metrics.describe(name, kind, text, labels)
     return metrics

@@ -68,10 +68,29 @@ def _tag(job: dict[str, Any], prefix: str) -> str | None:
     return None
 
 
+#: Orchestrator job states in the legacy terms the audit reads.
+_LEGACY_STATES = {"Pending": "New", "Queued": "Queued", "Running": "InProgress",
+                  "Completed": "Completed", "Failed": "Error", "Stopped": "Cancelled"}
+
+
+def as_legacy(job: dict[str, Any]) -> dict[str, Any]:
+    """An orchestrator job (dev requester 1.6 / 1.9) in the legacy list shape the audit reads:
+    the uid label and the name as annotations, the state and the image where V1beta1 has them."""
+    if "Job" in job:
+        return job
+    labels = job.get("Labels") or {}
+    task = job["Tasks"][0]
+    return {"State": {"State": _LEGACY_STATES.get(job["State"]["StateType"], "Undefined")},
+            "Job": {"Spec": {"Annotations": [f"reconciler-uid:{labels.get('reconciler-uid')}",
+                                             f"reconciler-manifest:{job['Name']}"],
+                             "Docker": {"Image": task["Engine"]["Params"]["Image"]}}}}
+
+
 def audit(jobs: list[dict[str, Any]], wanted: dict[str, str]) -> Audit:
     """``wanted``: name -> image the folder asks for now. Images never repeat for a name, so a
-    cancelled job whose image is still wanted was cancelled wrongly."""
+    cancelled job whose image is still wanted was cancelled wrongly. Jobs of either API."""
     result = Audit()
+    jobs = [as_legacy(job) for job in jobs]
     uids = Counter(_tag(j, "reconciler-uid:") for j in jobs)
     for uid, count in uids.items():
         if count > 1:

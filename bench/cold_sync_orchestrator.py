@@ -1,0 +1,129 @@
+"""Cold sync on the orchestrator backend (issue 14): N new manifests against Bacalhau 1.9.
+
+Usage: python -m bench.cold_sync_orchestrator [--counts 1000,5000] [--versions 1.9,1.6]
+                                              [--repeat 3]
+
+Each against a fresh dev requester (``--bacalhau-version``):
+  reconciler  one pass of the real code: read + parse N files, plan, durable intents, in name
+              mode a name lookup then a PUT per manifest at concurrency 8 (label mode: the
+              PUT alone), outcomes saved, events rendered (to /dev/null);
+  baseline    the same jobs (translated, labelled) PUT with plain httpx at concurrency 8.
+Target: reconciler / baseline <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.cold_sync import CONCURRENCY, write_manifests
+from bench.common import requester, scratch, table
+from reconciler import events
+from reconciler.app.wiring import open_store
+from reconciler.backends.orchestrator import (
+    JOBS,
+    Mode,
+    OrchestratorBackend,
+    OrchestratorClient,
+)
+from reconciler.domain.manifest import load_file
+from reconciler.domain.plan import PlanPolicy
+from reconciler.engine.executor import Executor
+from reconciler.engine.reconcile import Reconciler
+from reconciler.sources.folder import FolderSource
+
+
+def backend(url: str, version: str) -> OrchestratorBackend:
+    mode: Mode = "name" if version == "1.9" else "label"
+    return OrchestratorBackend(OrchestratorClient(url), mode=mode,
+                               version="v1.9.3" if mode == "name" else "v1.6.0")
+
+
+async def reconciler_run(root: Path, state: Path, url: str, version: str) -> float:
+    store = open_store(state)
+    policy = PlanPolicy()
+    jobs = backend(url, version)
+    try:
+        executor = Executor(store, jobs, policy, concurrency=CONCURRENCY)
+        started = time.perf_counter()
+        result = await Reconciler(FolderSource(root), store, policy).run_pass(executor)
+        elapsed = time.perf_counter() - started
+    finally:
+        await jobs.client.aclose()
+        store.close()
+    assert result.report.counts["submit.ok"] == len(result.desired.manifests), result.report
+    return elapsed
+
+
+def bodies(root: Path, count: int, url: str, version: str) -> list[bytes]:
+    """What the baseline sends: the same jobs, labels and meta (prepared beforehand)."""
+    jobs = backend(url, version)
+    out = []
+    for index in range(count):
+        path = root / f"c-{index:05d}.yaml"
+        [item] = load_file(path.name, path.read_bytes()).manifests
+        out.append(json.dumps({"Job": jobs.job_of(item, os.urandom(16).hex()),
+                               "Force": False}).encode())
+    return out
+
+
+async def put_all(url: str, payloads: list[bytes]) -> float:
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
+                                 headers=headers) as http:
+        async def one(body: bytes) -> None:
+            async with semaphore:
+                reply = await http.put(JOBS, content=body)
+                assert reply.status_code == 200, reply.text
+                json.loads(reply.content)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(body) for body in payloads))
+        return time.perf_counter() - started
+
+
+def measure(directory: Path, count: int, version: str, repeat: int) -> list[Any]:
+    """The best of ``repeat`` alternating runs of each side (a shared machine's noise only
+    ever adds time)."""
+    root = directory / f"m-{count}"
+    if not root.exists():
+        write_manifests(root, count)
+    reconciler = baseline = float("inf")
+    for attempt in range(repeat):
+        with requester(directory, "--bacalhau-version", version) as url:
+            state = directory / f"state-{version}-{count}-{attempt}.db"
+            reconciler = min(reconciler, asyncio.run(reconciler_run(root, state, url, version)))
+        with requester(directory, "--bacalhau-version", version) as url:
+            baseline = min(baseline, asyncio.run(put_all(url, bodies(root, count, url,
+                                                                     version))))
+    return [version, count, f"{reconciler:.2f}", f"{baseline:.2f}",
+            f"{count / reconciler:.0f}", f"{reconciler / baseline:.2f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--counts", default="1000,5000")
+    parser.add_argument("--versions", default="1.9,1.6")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    with open(os.devnull, "w") as null:
+        events.configure("json", "info", null)
+        directory = scratch()
+        rows = [measure(directory, int(n), v, args.repeat) for v in args.versions.split(",")
+                for n in args.counts.split(",")]
+    print(f"Cold sync, orchestrator API (seconds, best of {args.repeat}; concurrency "
+          f"{CONCURRENCY}); target reconciler/baseline <= 1.3")
+    print(table(["bacalhau", "N", "reconciler", "baseline", "jobs/s", "ratio"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""Bacalhau's orchestrator API (v1.5+) as a :class:`reconciler.ports.Backend`, over httpx.
+
+The wire rules relied on are docs/wire-orchestrator.md (sections 2, 3, 7, 8, 9); the choices
+are docs/design.md, "The orchestrator backend". In short:
+
+- every job we send carries the labels ``managed-by=reconciler``, ``reconciler-instance`` and
+  ``reconciler-uid=<uid of its intent>`` and the spec hash in ``Meta``; jobs are found by a
+  label selector (``GET /jobs?namespace=..&labels=..``, paged, namespace and labels resent on
+  every page);
+- **name mode** (v1.8+): ``Job.Name`` is the manifest's name, so a PUT of a changed manifest
+  updates its job in place (same id, version + 1): :attr:`OrchestratorBackend.updates_in_place`
+  tells the executor a replace needs no cancel. The uid label differs at every submit, so a
+  re-added unchanged manifest runs again without ``Force``, and ``Force`` is never sent (so
+  never after an ambiguous failure). Before each PUT the name is looked up: a job of that name
+  without our labels is a conflict, never touched;
+- **label mode** (v1.5 to v1.7): every PUT creates a job; the legacy protocol otherwise;
+- errors are matched by status plus message prefix (the ``Code`` is empty for several that
+  matter) and mapped onto :mod:`reconciler.backends.errors`; 401/403 are
+  :class:`NotAuthorized` with a configuration hint, never retried.
+
+Bodies are sent as bytes, so httpx sets ``Content-Length`` (a chunked body fails the server's
+authoriser); no ``X-Bacalhau-Git-Version`` header is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from reconciler.backends.errors import (
+    AlreadyTerminal,
+    InvalidRequest,
+    MalformedReply,
+    NotAuthorized,
+    NotFound,
+    OutcomeUnknown,
+    PermanentError,
+    RateLimited,
+    RequesterError,
+    ServerError,
+    TransientError,
+    Unreachable,
+)
+from reconciler.backends.legacy import RetryPolicy
+from reconciler.domain.jobspec import hygienic
+from reconciler.domain.manifest import LoadError, Manifest
+from reconciler.domain.translate import to_orchestrator
+from reconciler.events import scrub_text
+from reconciler.ports import JobInfo, JobPhase
+
+Mode = Literal["legacy", "label", "name"]
+JOBS = "/api/v1/orchestrator/jobs"
+VERSION_PATH = "/api/v1/agent/version"
+MANAGED_BY = "managed-by"
+MANAGER = "reconciler"
+INSTANCE_LABEL = "reconciler-instance"
+UID_LABEL = "reconciler-uid"
+SPEC_META = "reconciler/spec"
+#: How long a name a full listing found free is trusted to stay free, so that the PUT of a
+#: cold sync needs no lookup of its own (docs/design.md, "The orchestrator backend").
+ABSENT_TTL = 60.0
+#: Translations kept (a pass's worth; cleared when full).
+TRANSLATIONS_KEPT = 20_000
+#: Uids per label-selector lookup (``reconciler-uid in (...)``: 33 bytes each in the URL).
+UID_BATCH = 100
+PAGE = 500
+JOB_PHASES = {
+    "Pending": JobPhase.RUNNING,
+    "Queued": JobPhase.RUNNING,
+    "Running": JobPhase.RUNNING,
+    "Completed": JobPhase.COMPLETED,
+    "Failed": JobPhase.FAILED,
+    "Stopped": JobPhase.CANCELLED,
+}
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+
+
+class Conflict(PermanentError):
+    """A job of the manifest's name exists and is not ours: held, reported, never touched."""
+
+
+class _NoChanges(PermanentError):
+    """500 ``no changes detected``: the stored job is what we sent (up to date)."""
+
+
+class _NameTaken(PermanentError):
+    """409 ``job name ... already exists``: a concurrent create won; look the name up again."""
+
+
+# --- versions and modes ----------------------------------------------------------------------
+
+
+def mode_of(git_version: str | None) -> Mode:
+    """The backend mode for a server's ``GitVersion`` (None: no version route, a legacy-era
+    server). Development builds (``v0.0.0-...``) count as the newest (wire-orchestrator.md 1)."""
+    if git_version is None:
+        return "legacy"
+    match = _VERSION.match(git_version.strip())
+    if match is None:
+        return "legacy"
+    version = tuple(int(part) for part in match.groups())
+    if version[:2] == (0, 0) or version >= (1, 8, 0):
+        return "name"
+    if version >= (1, 5, 0):
+        return "label"
+    return "legacy"
+
+
+async def detect_version(
+    endpoint: str, *, wait: float = 10.0, transport: httpx.AsyncBaseTransport | None = None
+) -> str | None:
+    """``GitVersion`` of the server (``GET /api/v1/agent/version``, never authenticated), or
+    None for a legacy-era server (404, or no version in the reply). Raises
+    :class:`Unreachable` or :class:`ServerError` when it cannot tell."""
+    where = scrub_text(endpoint.rstrip("/"))
+    async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=wait,
+                                 transport=transport) as http:
+        try:
+            response = await http.get(VERSION_PATH)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"version: cannot reach {where}: {type(exc).__name__}") from exc
+    if response.status_code in (404, 405, 410):
+        return None
+    if response.status_code != 200:
+        raise ServerError(f"version: HTTP {response.status_code} from {where}",
+                          status=response.status_code)
+    body = _parse_body(response.content)
+    version = body.get("GitVersion") if isinstance(body, Mapping) else None
+    return version if isinstance(version, str) and version else None
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An API key (Bearer) or a user name and password (Basic). ``repr`` shows neither."""
+
+    api_key: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def header(self) -> str | None:
+        if self.api_key:
+            return "Bearer " + self.api_key
+        if self.username is not None and self.password is not None:
+            token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+            return "Basic " + token
+        return None
+
+    @property
+    def kind(self) -> str:
+        """For events and status: which scheme, never the secret."""
+        if self.api_key:
+            return "api-key"
+        if self.username is not None:
+            return "basic"
+        return "none"
+
+
+# --- the wire client -------------------------------------------------------------------------
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: Any
+    text: str
+
+
+def _parse_body(content: bytes) -> Any:
+    try:
+        return json.loads(content) if content.strip() else None
+    except (ValueError, RecursionError):
+        return None
+
+
+def _message(reply: _Reply) -> str:
+    if isinstance(reply.body, Mapping) and isinstance(reply.body.get("Message"), str):
+        return str(reply.body["Message"])[:500]
+    if isinstance(reply.body, str):  # the legacy routes' 410 is a JSON string
+        return reply.body[:500]
+    return reply.text.strip()[:500]
+
+
+def _translate(reply: _Reply, operation: str) -> RequesterError:
+    """Status plus message prefix (docs/wire-orchestrator.md section 7)."""
+    status, text = reply.status, _message(reply)
+    message = f"{operation}: HTTP {status}: {text}"
+    if status in (401, 403):
+        what = "not accepted" if status == 401 else "lacks the capability for this request"
+        return NotAuthorized(f"{message} (the credential is {what}: check api_key / "
+                             "api_username + api_password, $CREDENTIALS_DIRECTORY/api-key or "
+                             "BACALHAU_API_KEY; a configuration error, not retried)",
+                             status=status)
+    if status == 400:
+        return InvalidRequest(message, status=status)
+    if status == 404:
+        return NotFound(message, status=status)
+    if status == 409 and text.startswith("job name"):
+        return _NameTaken(message, status=status)
+    if status == 410:
+        return PermanentError(message + " (a legacy route: use the legacy backend)",
+                              status=status)
+    if status == 429:
+        return RateLimited(message, status=status)
+    if status == 500 and text.startswith("no changes detected"):
+        return _NoChanges(message, status=status)
+    if status == 500 and (text.startswith("cannot stop job in state")
+                          or "is in terminal state" in text):
+        return AlreadyTerminal(message, status=status)
+    if status >= 500:
+        return ServerError(message, status=status)
+    return PermanentError(message, status=status)
+
+
+class _SentNoReply(ServerError):
+    """The request went out but no complete reply came back."""
+
+
+class OrchestratorClient:
+    """An async client for the job routes of one orchestrator, in one namespace."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        namespace: str = "default",
+        credentials: Credentials | None = None,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        max_connections: int = 16,
+        rng: random.Random | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self._endpoint = scrub_text(endpoint.rstrip("/"))
+        self._retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
+        headers = {"Content-Type": "application/json"}
+        auth = (credentials or Credentials()).header()
+        if auth:
+            headers["Authorization"] = auth
+        self._http = httpx.AsyncClient(
+            base_url=endpoint.rstrip("/"), timeout=timeout, transport=transport,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=16),
+            headers=headers)
+        self.on_request: Callable[[str, int | None, float], None] | None = None
+
+    async def __aenter__(self) -> OrchestratorClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def put_job(self, job: Mapping[str, Any]) -> str:
+        """PUT a job; its id. :class:`OutcomeUnknown` when it may or may not be stored."""
+        body = json.dumps({"Job": job, "Force": False}).encode()
+        try:
+            reply = await self._retrying(lambda: self._send("submit", "PUT", JOBS, body=body),
+                                         retry_on=(RateLimited, Unreachable))
+        except _SentNoReply as exc:
+            raise OutcomeUnknown(f"submit: reply lost ({exc})") from exc
+        except ServerError as exc:
+            raise OutcomeUnknown(str(exc), status=exc.status) from exc
+        job_id = reply.body.get("JobID") if isinstance(reply.body, Mapping) else None
+        if not isinstance(job_id, str) or not job_id:
+            raise OutcomeUnknown("submit: 200 without a JobID", status=reply.status)
+        return job_id
+
+    async def get_job(self, ref: str) -> dict[str, Any] | None:
+        """One job by id or (v1.8+) name in our namespace; None when unknown."""
+        try:
+            reply = await self._retrying(lambda: self._send(
+                "get", "GET", f"{JOBS}/{ref}", params={"namespace": self.namespace}))
+        except NotFound:
+            return None
+        job = reply.body.get("Job") if isinstance(reply.body, Mapping) else None
+        if not isinstance(job, dict):
+            raise MalformedReply("get: the reply has no Job object")
+        return job
+
+    async def list_jobs(self, selector: str) -> list[dict[str, Any]]:
+        """Every job of our namespace matching a label selector, page by page; namespace and
+        labels are resent with every token (a token does not carry them)."""
+        jobs: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            params = {"namespace": self.namespace, "limit": str(PAGE)}
+            if selector:
+                params["labels"] = selector
+            if token:
+                params["next_token"] = token
+            reply = await self._retrying(lambda p=params: self._send(  # type: ignore[misc]
+                "list", "GET", JOBS, params=p))
+            body = reply.body
+            if not isinstance(body, Mapping) or not isinstance(body.get("Items") or [], list):
+                raise MalformedReply("list: the reply is not an object with 'Items'")
+            for item in body.get("Items") or []:
+                if not isinstance(item, dict) or not isinstance(item.get("ID"), str):
+                    raise MalformedReply("list: an item without an ID")
+                jobs.append(item)
+            token = body.get("NextToken") or ""
+            if not isinstance(token, str) or not token:
+                return jobs
+
+    async def stop(self, job_id: str, reason: str) -> None:
+        """Stop a job; the reason travels in the JSON body (a ``?reason=`` is never read)."""
+        body = json.dumps({"reason": reason, "Namespace": self.namespace}).encode()
+        await self._retrying(lambda: self._send(
+            "cancel", "DELETE", f"{JOBS}/{job_id}", params={"namespace": self.namespace},
+            body=body))
+
+    async def _send(self, operation: str, method: str, path: str, *,
+                    params: Mapping[str, str] | None = None, body: bytes | None = None
+                    ) -> _Reply:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status: int | None = None
+        try:
+            # Bytes content: httpx sends Content-Length, never a chunked body.
+            response = await self._http.request(method, path, params=params, content=body)
+            status = response.status_code
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise Unreachable(f"{operation}: cannot connect to {self._endpoint}: "
+                              f"{type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise _SentNoReply(f"{operation}: {type(exc).__name__}") from exc
+        finally:
+            if self.on_request is not None:
+                self.on_request(operation, status, loop.time() - started)
+        reply = _Reply(status, _parse_body(response.content),
+                       "" if status == 200 else response.text)
+        if status == 200:
+            return reply
+        raise _translate(reply, operation)
+
+    async def _retrying(self, call: Callable[[], Awaitable[_Reply]],
+                        retry_on: tuple[type[Exception], ...] = (TransientError,)) -> _Reply:
+        for attempt in range(self._retry.attempts):
+            try:
+                return await call()
+            except retry_on:
+                if attempt + 1 >= self._retry.attempts:
+                    raise
+                await asyncio.sleep(self._retry.delay(attempt, self._rng))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- the backend ---------------------------------------------------------------------------
+
+
+def _text(job: Mapping[str, Any], *keys: str) -> str:
+    value: Any = job
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value if isinstance(value, str) else ""
+
+
+def _labels(job: Mapping[str, Any]) -> Mapping[str, Any]:
+    labels = job.get("Labels")
+    return labels if isinstance(labels, Mapping) else {}
+
+
+def job_info(job: Mapping[str, Any]) -> JobInfo:
+    state = _text(job, "State", "StateType") or "Undefined"
+    created = job.get("CreateTime")
+    return JobInfo(
+        _text(job, "ID"), JOB_PHASES.get(state, JobPhase.UNKNOWN), state,
+        f"{created:020d}" if isinstance(created, int) else "",
+        uid=str(_labels(job).get(UID_LABEL) or ""),
+        spec_hash=_text(job, "Meta", SPEC_META))
+
+
+class OrchestratorBackend:
+    """:class:`reconciler.ports.Backend` over an :class:`OrchestratorClient` (not owned)."""
+
+    def __init__(self, client: OrchestratorClient, *, mode: Mode, version: str = "",
+                 instance: str = "default") -> None:
+        if mode == "legacy":
+            raise ValueError("an orchestrator backend runs in name or label mode")
+        if not _LABEL_VALUE.match(instance):
+            raise ValueError(f"instance: {instance!r} is not a label value "
+                             "(<= 63 of [A-Za-z0-9._-], alphanumeric at both ends)")
+        self.client = client
+        self.mode: Mode = mode
+        self.version = version
+        self.instance = instance
+        self._version_tuple = _version_tuple(version)
+        #: Names a listing of the whole namespace just found free (name mode), and when.
+        self._free: dict[str, float] = {}
+        #: Translations by manifest: the executor asks refusal() then submit() of each.
+        self._translated: dict[tuple[str, str, str, int], dict[str, Any] | LoadError] = {}
+
+    @property
+    def identity(self) -> str:
+        return f"orchestrator:{self.client.namespace}/{self.instance}"
+
+    @property
+    def updates_in_place(self) -> bool:
+        """Name mode: a changed manifest is a PUT of the same name (same id, version + 1)."""
+        return self.mode == "name"
+
+    def refusal(self, manifest: Manifest) -> str | None:
+        """Why this manifest cannot run here (a V1beta1 field with no counterpart), naming
+        the file and the field; checked before anything is sent or cancelled."""
+        outcome = self._translate(manifest)
+        return str(outcome) if isinstance(outcome, LoadError) else None
+
+    def _translate(self, manifest: Manifest) -> dict[str, Any] | LoadError:
+        key = (manifest.name, manifest.spec_hash, manifest.path, manifest.line)
+        outcome = self._translated.get(key)
+        if outcome is None:
+            if len(self._translated) >= TRANSLATIONS_KEPT:
+                self._translated.clear()
+            outcome = self._translated[key] = to_orchestrator(manifest)
+        return outcome
+
+    def _ours(self, job: Mapping[str, Any]) -> bool:
+        labels = _labels(job)
+        return labels.get(MANAGED_BY) == MANAGER and labels.get(INSTANCE_LABEL) == self.instance
+
+    def _selector(self, *more: str) -> str:
+        return ",".join([f"{MANAGED_BY}={MANAGER}", f"{INSTANCE_LABEL}={self.instance}", *more])
+
+    def job_of(self, manifest: Manifest, uid: str) -> dict[str, Any]:
+        outcome = self._translate(manifest)  # hygienic() copies: the cached value is kept
+        if isinstance(outcome, LoadError):
+            raise InvalidRequest(str(outcome))
+        job = hygienic(outcome, self._version_tuple)
+        job["Name"] = manifest.name
+        job["Namespace"] = self.client.namespace
+        job["Labels"] = {**(job.get("Labels") or {}), MANAGED_BY: MANAGER,
+                         INSTANCE_LABEL: self.instance, UID_LABEL: uid}
+        job["Meta"] = {**(job.get("Meta") or {}), SPEC_META: manifest.spec_hash}
+        return job
+
+    async def submit(self, manifest: Manifest, uid: str) -> JobInfo:
+        job = self.job_of(manifest, uid)
+        if self.mode == "label":
+            return JobInfo(await self.client.put_job(job), JobPhase.RUNNING, "Pending", uid=uid)
+        free_since = self._free.pop(manifest.name, None)
+        for _ in range(3):  # a lost create race (409) is looked up again
+            if free_since is not None and time.monotonic() - free_since < ABSENT_TTL:
+                existing = None  # seen free moments ago: a cold sync sends the PUT alone
+            else:
+                existing = await self._by_name(manifest.name)
+            free_since = None
+            if existing is not None and not self._ours(existing):
+                raise Conflict(
+                    f"{manifest.path}: a job named {manifest.name} ({_text(existing, 'ID')}) "
+                    f"exists in namespace {self.client.namespace} without the labels "
+                    f"{MANAGED_BY}={MANAGER},{INSTANCE_LABEL}={self.instance}: not ours, held "
+                    "and never touched (rename the manifest or remove that job)")
+            try:
+                job_id = await self.client.put_job(job)
+            except _NameTaken:
+                continue
+            except _NoChanges:
+                assert existing is not None  # only an update can be "no changes"
+                return job_info(existing)
+            return JobInfo(job_id, JobPhase.RUNNING, "Pending", uid=uid)
+        raise OutcomeUnknown(f"submit: the name {manifest.name} was taken concurrently again "
+                             "and again")
+
+    async def _by_name(self, name: str) -> dict[str, Any] | None:
+        job = await self.client.get_job(name)
+        # v1.8+ falls back to an id prefix: only a job of exactly this name counts.
+        if job is None or job.get("Name") != name:
+            return None
+        if (job.get("Namespace") or "default") != self.client.namespace:
+            return None
+        return job
+
+    async def find(self, uids: Sequence[str]) -> dict[str, list[JobInfo]]:
+        found: dict[str, list[JobInfo]] = {}
+        wanted = [uid for uid in uids if _LABEL_VALUE.match(uid)]
+        for start in range(0, len(wanted), UID_BATCH):
+            batch = wanted[start : start + UID_BATCH]
+            selector = self._selector(f"{UID_LABEL} in ({','.join(batch)})")
+            for job in await self.client.list_jobs(selector):
+                info = job_info(job)
+                if info.uid in batch:
+                    found.setdefault(info.uid, []).append(info)
+        return found
+
+    async def find_by_name(self, names: Sequence[str]) -> dict[str, list[JobInfo]]:
+        """Our jobs of these names. In name mode the whole namespace is listed, foreign jobs
+        too, so the names it finds free can be PUT without a lookup each for a few seconds
+        (``ABSENT_TTL``): the executor asks this before the submits of a cold sync."""
+        wanted = set(names)
+        if not wanted:
+            return {}
+        found: dict[str, list[JobInfo]] = {}
+        taken: set[str] = set()
+        started = time.monotonic()
+        whole = self.mode == "name"
+        for job in await self.client.list_jobs("" if whole else self._selector()):
+            name = _text(job, "Name")
+            if name not in wanted:
+                continue
+            taken.add(name)
+            if self._ours(job):
+                found.setdefault(name, []).append(job_info(job))
+        if whole:
+            self._free = {n: t for n, t in self._free.items() if started - t < ABSENT_TTL}
+            self._free.update(dict.fromkeys(wanted - taken, started))
+        return found
+
+    async def stop(self, job_id: str, reason: str) -> str:
+        await self.client.stop(job_id, reason)
+        return "Stopped"
+
+    async def status(self, job_id: str) -> JobInfo | None:
+        job = await self.client.get_job(job_id)
+        return None if job is None else job_info(job)
+
+    async def owner_of(self, job_id: str) -> str | None:
+        return None  # v1.5+ has no job approval, so no policy asks
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    match = _VERSION.match(version.strip())
+    if match is None:
+        return (1, 9)
+    major, minor = int(match.group(1)), int(match.group(2))
+    return (1, 9) if (major, minor) == (0, 0) else (major, minor)

@@ -1,0 +1,414 @@
+"""The orchestrator backend (issue 14) against the dev requester's 1.6 and 1.9 profiles.
+
+End to end through the real CLI (in process, against a dev requester on a loopback port):
+one job per manifest named after it, updates in place, no PUT when nothing changed, removal
+stops, label mode on 1.6, 1.0 still legacy under ``--api auto``, bad inputs refused with
+nothing cancelled, auth. In process against the backend: the 409 race, "no changes", a
+foreign job of the same name, an ambiguous PUT, paging, version detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from reconciler.app import wiring
+from reconciler.app.cli import main
+from reconciler.backends.errors import NotAuthorized, OutcomeUnknown
+from reconciler.backends.orchestrator import (
+    Conflict,
+    Credentials,
+    OrchestratorBackend,
+    OrchestratorClient,
+    detect_version,
+    mode_of,
+)
+from reconciler.devnet import DevConfig, DevRequesterThread
+from reconciler.domain.manifest import load_file
+from reconciler.settings import SettingsError, api_credentials, load_settings
+
+KEY = "k" * 24
+JOBS = "/api/v1/orchestrator/jobs"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[tuple[Any, ...], DevRequesterThread]]:
+    running: dict[tuple[Any, ...], DevRequesterThread] = {}
+    yield running
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(DevRequesterThread.stop, running.values()))
+
+
+class Dev:
+    def __init__(self, thread: DevRequesterThread) -> None:
+        self.thread = thread
+        self.url = thread.url
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(httpx.get(self.url + "/devnet/jobs", timeout=5).json()["jobs"])
+
+    def stats(self) -> dict[str, int]:
+        return dict(httpx.get(self.url + "/devnet/stats", timeout=5).json())
+
+
+@pytest.fixture
+def dev(servers: dict[tuple[Any, ...], DevRequesterThread]) -> Any:
+    def start(version: str = "1.9", **config: Any) -> Dev:
+        config.setdefault("job_duration", 30.0)
+        key = (version, *sorted(config.items()))
+        thread = servers.get(key)
+        if thread is None:
+            thread = servers[key] = DevRequesterThread(
+                DevConfig(bacalhau_version=version, **config)).start()
+        if thread.app.orchestrator is not None:
+            thread.app.orchestrator.reset()
+            thread.app.stats.clear()
+        return Dev(thread)
+
+    return start
+
+
+def envelope(name: str, image: str = "ubuntu:22.04", publisher: str = "ipfs") -> str:
+    return (f"apiVersion: reconciler/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n"
+            f"  engine: docker\n  publisher: {publisher}\n  docker:\n    image: {image}\n")
+
+
+def job_manifest(name: str, image: str = "ubuntu:24.04") -> str:
+    return (f"apiVersion: reconciler/v1\nkind: Job\nmetadata:\n  name: {name}\njob:\n"
+            "  Type: service\n  Tasks:\n    - Name: main\n      Engine:\n        Type: docker\n"
+            f"        Params:\n          Image: {image}\n")
+
+
+class Folder:
+    def __init__(self, tmp: Path, url: str, key: Path | None = None) -> None:
+        self.root = tmp / "manifests"
+        self.root.mkdir(exist_ok=True)
+        self.state = tmp / "state.db"
+        self.url = url
+        self.key = key
+
+    def write(self, name: str, text: str) -> None:
+        (self.root / name).write_text(text)
+
+    def apply(self, *args: str, expect: int = 0, env: dict[str, str] | None = None) -> Result:
+        command = ["--log-format", "json", "apply", "--manifests", str(self.root),
+                   "--state", str(self.state), "--endpoint", self.url, *args]
+        if self.key is not None:
+            command += ["--key", str(self.key)]
+        result = CliRunner().invoke(main, command, env={"RECONCILER_RESOLVE_DELAY": "0.05",
+                                                        **(env or {})})
+        assert result.exit_code == expect, result.output
+        return result
+
+
+def by_name(dev: Dev) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for job in dev.jobs():
+        found.setdefault(job["Name"], []).append(job)
+    return found
+
+
+# --- end to end through the CLI ----------------------------------------------------------------
+
+
+def test_name_mode_one_job_per_manifest_updated_in_place(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9")
+    folder = Folder(tmp_path, server.url)  # no --key: the orchestrator needs none
+    folder.write("a.yaml", envelope("alpha"))
+    folder.write("b.yaml", envelope("beta"))
+    folder.apply("--api", "auto")
+    jobs = by_name(server)
+    assert sorted(jobs) == ["alpha", "beta"]
+    [alpha] = jobs["alpha"]
+    assert alpha["Version"] == 1
+    assert alpha["Labels"]["managed-by"] == "reconciler"
+
+    folder.write("a.yaml", envelope("alpha", image="ubuntu:24.04"))
+    folder.apply()
+    [updated] = by_name(server)["alpha"]
+    assert (updated["ID"], updated["Version"]) == (alpha["ID"], 2)
+    assert updated["Tasks"][0]["Engine"]["Params"]["Image"] == "ubuntu:24.04"
+    assert server.stats()["PUT /orchestrator/jobs"] == 3
+    assert "DELETE /orchestrator/jobs/{id}" not in server.stats()  # no cancel first
+
+    folder.apply()  # unchanged: no PUT
+    assert server.stats()["PUT /orchestrator/jobs"] == 3
+
+    (folder.root / "a.yaml").unlink()
+    folder.apply()
+    [stopped] = by_name(server)["alpha"]
+    assert stopped["State"] == {"StateType": "Stopped", "Message": "manifest removed"}
+
+    folder.write("a.yaml", envelope("alpha", image="ubuntu:24.04"))  # re-added unchanged
+    folder.apply()
+    [again] = by_name(server)["alpha"]
+    assert (again["ID"], again["Version"]) == (alpha["ID"], 3)
+    assert again["State"]["StateType"] in ("Pending", "Running")
+
+
+def test_label_mode_on_1_6_stops_then_submits(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.6")
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    folder.apply()
+    [first] = by_name(server)["alpha"]
+    assert first["Labels"]["reconciler-uid"]
+    folder.write("a.yaml", envelope("alpha", image="ubuntu:24.04"))
+    folder.apply()
+    states = sorted(j["State"]["StateType"] for j in by_name(server)["alpha"])
+    assert states in (["Pending", "Stopped"], ["Running", "Stopped"])
+    folder.apply()
+    assert len(by_name(server)["alpha"]) == 2
+
+
+def test_1_0_is_still_legacy_under_auto(tmp_path: Path, dev: Any, rsa_key: Path) -> None:
+    server = dev("1.0")
+    folder = Folder(tmp_path, server.url, rsa_key)
+    folder.write("a.yaml", envelope("alpha"))
+    folder.apply("--api", "auto")
+    reply = httpx.post(server.url + "/devnet/jobs", json={"return_all": True, "max_jobs": 0},
+                       timeout=5).json()
+    [job] = reply["jobs"]
+    assert "reconciler-manifest:alpha" in job["Job"]["Spec"]["Annotations"]
+
+
+def test_orchestrator_only_manifest_on_legacy_is_refused(tmp_path: Path, dev: Any,
+                                                          rsa_key: Path) -> None:
+    server = dev("1.0")
+    folder = Folder(tmp_path, server.url, rsa_key)
+    folder.write("svc.yaml", job_manifest("svc"))
+    folder.write("b.yaml", envelope("beta"))
+    result = folder.apply(expect=1)
+    assert "svc.yaml:1: Type: service jobs have no V1beta1 counterpart" in result.output
+    reply = httpx.post(server.url + "/devnet/jobs", json={"return_all": True, "max_jobs": 0},
+                       timeout=5).json()
+    names = [a for j in reply["jobs"] for a in j["Job"]["Spec"]["Annotations"]
+             if a.startswith("reconciler-manifest:")]
+    assert "reconciler-manifest:beta" in names  # the others went ahead
+    assert "reconciler-manifest:svc" not in names
+
+
+@pytest.mark.parametrize("version", ["1.6", "1.9"])
+def test_untranslatable_change_cancels_nothing(tmp_path: Path, dev: Any, version: str) -> None:
+    server = dev(version)
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    folder.apply()
+    [alpha] = by_name(server)["alpha"]
+    folder.write("a.yaml", envelope("alpha", publisher="estuary"))
+    result = folder.apply(expect=1)
+    assert "a.yaml:1: spec.PublisherSpec.Type: Estuary has no orchestrator counterpart" \
+        in result.output
+    [kept] = by_name(server)["alpha"]
+    assert (kept["ID"], kept["Version"], kept["State"]["StateType"]) == (
+        alpha["ID"], 1, "Running")
+    assert "DELETE /orchestrator/jobs/{id}" not in server.stats()
+    folder.write("new.yaml", envelope("gamma", publisher="estuary"))
+    result = folder.apply(expect=1)
+    assert "new.yaml:1: spec.PublisherSpec.Type" in result.output
+    assert "gamma" not in by_name(server)
+
+
+def test_api_key_and_a_401(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9", api_key=KEY)
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    wrong = "w" * 24
+    result = folder.apply(expect=1, env={"BACALHAU_API_KEY": wrong})
+    assert "HTTP 401" in result.output and "configuration error" in result.output
+    assert wrong not in result.output
+    assert by_name(server) == {}
+    folder.apply(env={"BACALHAU_API_KEY": KEY})
+    assert list(by_name(server)) == ["alpha"]
+
+
+def test_approve_against_an_orchestrator_says_there_is_none(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9")
+    result = CliRunner().invoke(main, ["approve", "j-1", "--endpoint", server.url,
+                                       "--state", str(tmp_path / "s.db")])
+    assert result.exit_code == 1
+    assert "no job approval" in result.output
+
+
+# --- in process ---------------------------------------------------------------------------
+
+
+def manifest(text: str, path: str = "a.yaml") -> Any:
+    [one] = load_file(path, text.encode()).manifests
+    return one
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _backend(url: str, mode: str = "name", **client: Any) -> OrchestratorBackend:
+    return OrchestratorBackend(OrchestratorClient(url, **client), mode=mode,  # type: ignore[arg-type]
+                               version="v1.9.3")
+
+
+def test_versions_and_modes(dev: Any) -> None:
+    assert [mode_of(v) for v in (None, "v1.4.0", "v1.5.2", "v1.7.0", "v1.8.0", "v1.9.3",
+                                 "v0.0.0-dev", "garbage")] == [
+        "legacy", "legacy", "label", "label", "name", "name", "name", "legacy"]
+    assert run(detect_version(dev("1.0").url)) is None
+    assert run(detect_version(dev("1.6").url)).startswith("v1.6")
+    assert mode_of(run(detect_version(dev("1.9", git_version="v0.0.0-abc").url))) == "name"
+
+
+def test_credentials_never_mixed_nor_shown(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("BACALHAU_API_KEY", KEY)
+    monkeypatch.setenv("BACALHAU_API_USERNAME", "ops")
+    with pytest.raises(SettingsError, match="both set") as error:
+        api_credentials(load_settings(None))
+    assert KEY not in str(error.value)
+    monkeypatch.delenv("BACALHAU_API_USERNAME")
+    (tmp_path / "api-key").write_text("c" * 24 + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert api_credentials(load_settings(None))[0] == "c" * 24  # systemd's before the env
+    assert "c" * 24 not in repr(wiring.credentials(load_settings(None)))
+    assert Credentials(username="u", password="p").header() == "Basic dTpw"
+
+
+def test_foreign_job_of_the_name_is_never_touched(dev: Any) -> None:
+    server = dev("1.9")
+    foreign = {"Name": "alpha", "Type": "batch", "Tasks": [
+        {"Name": "main", "Engine": {"Type": "docker", "Params": {"Image": "x"}}}]}
+    httpx.put(server.url + JOBS, json={"Job": foreign}, timeout=5).raise_for_status()
+
+    async def go() -> None:
+        backend = await _backend(server.url)
+        with pytest.raises(Conflict, match="not ours"):
+            await backend.submit(manifest(envelope("alpha")), "u1")
+        await backend.client.aclose()
+
+    run(go())
+    [job] = by_name(server)["alpha"]
+    assert job["Version"] == 1 and "managed-by" not in (job.get("Labels") or {})
+
+
+def test_no_changes_is_up_to_date_and_409_looks_again(dev: Any) -> None:
+    server = dev("1.9", latency=0.2)  # between the name lookup and the write: a race
+
+    async def go() -> None:
+        backend = await _backend(server.url)
+        one = manifest(envelope("alpha"))
+        first, second = await asyncio.gather(backend.submit(one, "u1"), backend.submit(one, "u2"))
+        assert first.job_id == second.job_id  # the loser of the 409 updated the winner's job
+        await backend.client.aclose()
+
+    run(go())
+    [job] = by_name(server)["alpha"]
+    assert job["Version"] == 2
+
+
+def test_ambiguous_put_is_resolved_by_uid(dev: Any) -> None:
+    server = dev("1.9", fail_after_store=1.0)
+
+    async def go() -> None:
+        backend = await _backend(server.url)
+        with pytest.raises(OutcomeUnknown):
+            await backend.submit(manifest(envelope("alpha")), "u1")
+        found = await backend.find(["u1", "u2"])
+        assert list(found) == ["u1"]
+        await backend.client.aclose()
+
+    run(go())
+
+
+def test_polling_pages_and_resends_the_selector(dev: Any, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    import reconciler.backends.orchestrator as orchestrator
+
+    monkeypatch.setattr(orchestrator, "PAGE", 2)
+    server = dev("1.9")
+
+    async def go() -> None:
+        backend = await _backend(server.url)
+        for index in range(5):
+            await backend.submit(manifest(envelope(f"n{index}")), f"u{index}")
+        found = await backend.find([f"u{i}" for i in range(5)])
+        assert sorted(found) == [f"u{i}" for i in range(5)]
+        named = await backend.find_by_name(["n1", "n4"])
+        assert sorted(named) == ["n1", "n4"]
+        await backend.client.aclose()
+
+    run(go())
+    assert server.stats()["GET /orchestrator/jobs"] == 6  # 3 pages each
+
+
+def test_401_is_not_retried(dev: Any) -> None:
+    server = dev("1.9", api_key=KEY)
+
+    async def go() -> None:
+        backend = await _backend(server.url, credentials=Credentials(api_key="z" * 24))
+        with pytest.raises(NotAuthorized, match="configuration error"):
+            await backend.find(["u1"])
+        await backend.client.aclose()
+
+    run(go())
+    assert server.stats().get("GET /orchestrator/jobs", 0) <= 1
+
+
+def test_the_wire_stays_in_backends() -> None:
+    # Nothing above backends/ names an orchestrator wire field.
+    for module in ("engine/executor.py", "service/daemon.py", "domain/plan.py", "ports.py"):
+        text = (Path(__file__).parents[1] / "reconciler" / module).read_text()
+        assert "Labels" not in text and "next_token" not in text, module
+
+
+def test_status_shows_the_api_and_mode(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9")
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    folder.apply()
+    result = CliRunner().invoke(main, ["status", "--json", "--manifests", str(folder.root),
+                                       "--state", str(folder.state), "--endpoint", server.url])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["api"] == {"api": "orchestrator", "mode": "name", "server_version": "v1.9.3"}
+    assert status["jobs"][0]["job_id"].startswith("j-")
+
+
+def test_a_cold_sync_puts_alone_yet_never_takes_a_foreign_name(tmp_path: Path,
+                                                               dev: Any) -> None:
+    server = dev("1.9")
+    foreign = {"Name": "alpha", "Type": "batch", "Tasks": [
+        {"Name": "main", "Engine": {"Type": "docker", "Params": {"Image": "x"}}}]}
+    httpx.put(server.url + JOBS, json={"Job": foreign}, timeout=5).raise_for_status()
+    folder = Folder(tmp_path, server.url)
+    for name in ("alpha", "beta", "gamma"):
+        folder.write(f"{name}.yaml", envelope(name))
+    result = folder.apply(expect=1)
+    assert "alpha.yaml: a job named alpha" in result.output and "not ours" in result.output
+    jobs = by_name(server)
+    assert jobs["alpha"][0]["Version"] == 1  # untouched
+    assert sorted(jobs) == ["alpha", "beta", "gamma"]
+    stats = server.stats()
+    # beta and gamma: one listing, then their PUTs alone; alpha (taken) was looked up.
+    assert stats["GET /orchestrator/jobs/{id}"] == 1
+    assert stats["PUT /orchestrator/jobs"] == 3  # the foreign one and ours
+
+
+def test_user_and_password_are_basic_auth(tmp_path: Path, dev: Any) -> None:
+    server = dev("1.9", api_user="ops:s3cretpw")
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    result = folder.apply(expect=1, env={"BACALHAU_API_USERNAME": "ops",
+                                         "BACALHAU_API_PASSWORD": "wrongpw"})
+    assert "HTTP 401" in result.output and "wrongpw" not in result.output
+    folder.apply(env={"BACALHAU_API_USERNAME": "ops", "BACALHAU_API_PASSWORD": "s3cretpw"})
+    assert list(by_name(server)) == ["alpha"]
+    result = folder.apply(expect=1, env={"BACALHAU_API_USERNAME": "ops",
+                                         "BACALHAU_API_PASSWORD": "s3cretpw",
+                                         "BACALHAU_API_KEY": KEY})
+    assert "give one" in result.output and KEY not in result.output
