@@ -19,8 +19,10 @@ FORBIDDEN = re.compile(
         [
             r"\.\./" + _SHARED + r"\b",  # the folder beside the clone
             _SHARED + r"/(bacalhau|notes|seed|hooks)\b",
-            r"\b" + "CONT" + r"RACT(\.md|\b)",  # the wire contract notes
-            r"\b" + "ORCHES" + r"TRATOR(\.md|\b)",
+            # the wire notes, cited as a file or by section ("... 1.3", "... section 5"); the
+            # word alone is also a constant's name (manifest forms)
+            r"\b" + "CONT" + r"RACT(\.md\b|,? (section|§)? ?\d)",
+            r"\b" + "ORCHES" + r"TRATOR(\.md\b|,? (section|§)? ?\d)",
             r"\b" + "DES" + r"IGN\.md\b",  # the original design brief
             r"\b" + "ops" + r"\.md\b",
             r"\b" + "anch" + r"ors(\.md\b| P\d| section)",
