@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from reconciler.app.cli import main
@@ -539,6 +539,9 @@ def orchestrator_jobs(draw: st.DrawFn) -> dict[str, Any]:
 
 @settings(max_examples=60, deadline=None)
 @given(orchestrator_jobs())
+@example({"Type": "ops", "Count": 1, "Tasks": [{  # the server forces an ops job's Count to 0
+    "Name": "t", "Engine": {"Type": "docker", "Params": {"Image": "a"}},
+    "Publisher": {"Type": "noop"}, "Network": {"Type": "None"}}]})
 def test_jobs_round_trip_through_files_and_the_wire(data: dict[str, Any]) -> None:
     manifest = one("prop.json", json.dumps(data))
     assert job_problems(parse_job(manifest.wire())) == []

@@ -332,13 +332,16 @@ def network_problems(network: Network | None, version: tuple[int, int]) -> list[
 
 def job_wire(job: Job) -> dict[str, Any]:
     """The canonical wire form: Go names, lower-case types, the network type's own spelling,
-    no empty values but ``Type`` and ``Count`` (filled as the server would: 1 for batch and
-    service, 0 for ops and daemon)."""
+    no empty values but ``Type`` and ``Count`` (as the server has them: 1 for batch and
+    service when omitted; always 0 for ops and daemon, which the server forces, so a ``Count:
+    1`` there is the same job as 0 and hashes the same; docs/wire-orchestrator.md)."""
     wire: dict[str, Any] = job.model_dump(mode="json")
     wire["Type"] = job.type
     count = job.count
-    if count is None:
-        count = 0 if job.type in ("ops", "daemon") else 1
+    if job.type in ("ops", "daemon"):
+        count = 0
+    elif count is None:
+        count = 1
     wire["Count"] = count
     for task in wire.get("Tasks", []):
         network = task.get("Network")
