@@ -111,6 +111,41 @@ def test_policies_and_approvals(any_store: Any) -> None:
     assert any_store.approval("nope") is None
 
 
+def test_spec_views_kept_only_while_a_record_names_them(any_store: Any) -> None:
+    a = _record("a")
+    any_store.commit_intents([a])
+    any_store.save_views({a.spec_hash: {"image": "ubuntu"}, "gone" * 16: {"image": "x"}})
+    assert any_store.view(a.spec_hash) == {"image": "ubuntu"}
+    assert any_store.view("gone" * 16) is None  # no record names it
+    any_store.save_views({a.spec_hash: {"image": "debian"}})
+    assert any_store.view(a.spec_hash) == {"image": "debian"}
+
+
+def test_cancels_are_counted_in_the_forget_transaction(any_store: Any) -> None:
+    any_store.commit_intents([_record("a"), _record("b"), _record("c")])
+    any_store.forget(["a", "b"], cancelled_at=1000.0)
+    any_store.forget(["c"])  # not a cancel: not counted
+    assert any_store.records() == []
+    assert any_store.recent_cancels(1000.0) == 2
+    assert any_store.recent_cancels(1000.5) == 0
+    any_store.clear_cancels()
+    assert any_store.recent_cancels(0.0) == 0
+
+
+def test_approvals_counted_and_pruned(any_store: Any) -> None:
+    for i, (state, received) in enumerate([("pending", 1.0), ("approved", 2.0),
+                                           ("rejected", 3.0), ("pending", 50.0),
+                                           ("approved", 60.0), ("approved", 70.0)]):
+        decided = None if state == "pending" else received
+        any_store.save_approval(Approval(f"j-{i}", "n", "http://n/cb", "s", state, "", "",
+                                         received, decided))
+    assert any_store.approval_count() == 6
+    # before 10: j-0 (pending, old), j-1, j-2 go; then keep 2: the oldest decided (j-4) goes
+    assert any_store.prune_approvals(before=10.0, keep=2) == 4
+    assert sorted(a.job_id for a in any_store.approvals()) == ["j-3", "j-5"]
+    assert any_store.approval_count() == 2
+
+
 # --- PostgreSQL specifics ------------------------------------------------------------------
 
 

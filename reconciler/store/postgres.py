@@ -24,9 +24,10 @@ credentials masked; :class:`NotLeader` when a fenced write finds the lease gone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, astuple, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +38,7 @@ from psycopg.rows import dict_row
 from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
 from reconciler.events import scrub_text
 from reconciler.store.errors import StoreError, StoreTooNew
-from reconciler.store.sqlite import SCHEMA_VERSION
+from reconciler.store.sqlite import CANCEL_HISTORY, SCHEMA_VERSION
 
 SCHEMA = "reconciler"
 #: ``pg_advisory_xact_lock`` key for migrations: a constant unlikely to clash in a shared database.
@@ -108,6 +109,11 @@ CREATE TABLE IF NOT EXISTS leader_lease (
 INSERT INTO leader_lease (id) VALUES (1) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
+
+#: Not a schema version, as on SQLite (store/sqlite.py): a cache of what ``plan`` may show of
+#: a replaced spec (domain/specview.py); without it plans show less.
+_VIEWS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS spec_views (spec_hash TEXT PRIMARY KEY, view TEXT NOT NULL)")
 
 _COLUMNS = tuple(f.name for f in fields(Record))
 
@@ -204,6 +210,8 @@ class PostgresStore:
                 self._db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:
                 self._db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            if self._writer:
+                self._db.execute(_VIEWS_TABLE)
         self._db.execute(f"SET search_path TO {SCHEMA}")
 
     @contextlib.contextmanager
@@ -222,6 +230,20 @@ class PostgresStore:
 
     def close(self) -> None:
         self._db.close()
+        # As the SQLite store releases its FileLease: a clean stop hands over at once.
+        release = getattr(self._fence, "release", None)
+        if callable(release):
+            release()
+
+    @property
+    def fence(self) -> Fence | None:
+        """The lease this store's writes are fenced by (the daemon campaigns with it)."""
+        return self._fence
+
+    @property
+    def location(self) -> str:
+        """The URL with its password masked."""
+        return self.path
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -264,6 +286,22 @@ class PostgresStore:
         rows = self._query(f"SELECT {columns} FROM approvals WHERE job_id = %s", (job_id,))
         return Approval(**rows[0]) if rows else None
 
+    def view(self, spec_hash: str) -> dict[str, str] | None:
+        """The printable view of a spec this store submitted, when it kept one."""
+        try:
+            rows = self._query("SELECT view FROM spec_views WHERE spec_hash = %s", (spec_hash,))
+        except StoreError:  # a reader of a store no writer has opened since spec_views came
+            return None
+        return dict(json.loads(rows[0]["view"])) if rows else None
+
+    def approval_count(self) -> int:
+        return int(self._query("SELECT count(*) AS n FROM approvals")[0]["n"])
+
+    def recent_cancels(self, since: float) -> int:
+        """How many removals were cancelled at or after ``since`` (wall-clock seconds)."""
+        return int(self._query("SELECT count(*) AS n FROM cancels WHERE at >= %s",
+                               (since,))[0]["n"])
+
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._translated():
             self._reconnect_if_broken()
@@ -303,12 +341,52 @@ class PostgresStore:
     def save(self, records: Sequence[Record]) -> None:
         self._write(records)
 
-    def forget(self, names: Iterable[str]) -> None:
+    def save_views(self, views: Mapping[str, Mapping[str, str]]) -> None:
+        """Keep the views of these specs, and only those any record still names."""
+        if not views:
+            return
+        with self._transaction() as (cur, _):
+            cur.executemany(
+                "INSERT INTO spec_views VALUES (%s, %s) "
+                "ON CONFLICT (spec_hash) DO UPDATE SET view = EXCLUDED.view",
+                [(h, json.dumps(dict(v))) for h, v in views.items()])
+            cur.execute("DELETE FROM spec_views WHERE spec_hash NOT IN "
+                        "(SELECT spec_hash FROM jobs)")
+
+    def prune_approvals(self, *, before: float, keep: int) -> int:
+        """As on SQLite: requests decided, or pending but received, before ``before``; then
+        the oldest decided ones beyond ``keep`` rows. Returns rows deleted."""
+        with self._transaction() as (cur, _):
+            gone = cur.execute(
+                "DELETE FROM approvals WHERE (state = 'pending' AND received_at < %s) "
+                "OR (state != 'pending' AND coalesce(decided_at, received_at) < %s)",
+                (before, before)).rowcount
+            row = cur.execute("SELECT count(*) FROM approvals").fetchone()
+            excess = int(row[0] if row else 0) - keep
+            if excess > 0:
+                gone += cur.execute(
+                    "DELETE FROM approvals WHERE job_id IN (SELECT job_id FROM approvals "
+                    "WHERE state != 'pending' ORDER BY decided_at LIMIT %s)", (excess,)).rowcount
+        return int(gone)
+
+    def clear_cancels(self) -> None:
+        """Start the mass-cancel window afresh (an operator allowed a mass cancel)."""
+        with self._transaction() as (cur, _):
+            cur.execute("DELETE FROM cancels")
+
+    def forget(self, names: Iterable[str], *, cancelled_at: float | None = None) -> None:
+        """Drop records; ``cancelled_at``: their jobs were just cancelled because their
+        manifests were removed, which the mass-cancel guard counts (same transaction)."""
         gone = list(names)
         if not gone:
             return
         with self._transaction() as (cur, _):
             cur.execute("DELETE FROM jobs WHERE name = ANY(%s)", (gone,))
+            if cancelled_at is not None:
+                cur.executemany("INSERT INTO cancels VALUES (%s, %s)",
+                                [(n, cancelled_at) for n in gone])
+                cur.execute("DELETE FROM cancels WHERE at < %s",
+                            (cancelled_at - CANCEL_HISTORY,))
         if self._cache is not None:
             for name in gone:
                 self._cache.pop(name, None)
