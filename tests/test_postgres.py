@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
-from reconciler.store.errors import StoreError
+from reconciler.store.errors import NotLeader, StoreError
 from reconciler.store.sqlite import Store
 from tests.pgserver import PgServer, running_server, unavailable_reason
 
 try:
     from reconciler.store.pglease import PostgresLease
-    from reconciler.store.postgres import NotLeader, PostgresStore
+    from reconciler.store.postgres import PostgresStore
 except ImportError:  # psycopg missing: the skip below says so
     pass
 

@@ -37,7 +37,7 @@ from psycopg.rows import dict_row
 
 from reconciler.domain.records import Approval, Phase, Record, StoredPolicy
 from reconciler.events import scrub_text
-from reconciler.store.errors import StoreError, StoreTooNew
+from reconciler.store.errors import NotLeader, StoreError, StoreTooNew
 from reconciler.store.sqlite import CANCEL_HISTORY, SCHEMA_VERSION
 
 SCHEMA = "reconciler"
@@ -116,10 +116,6 @@ _VIEWS_TABLE = (
     "CREATE TABLE IF NOT EXISTS spec_views (spec_hash TEXT PRIMARY KEY, view TEXT NOT NULL)")
 
 _COLUMNS = tuple(f.name for f in fields(Record))
-
-
-class NotLeader(StoreError):
-    """A fenced write found that our lease is gone: another daemon leads now."""
 
 
 class Fence(Protocol):

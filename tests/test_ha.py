@@ -1,0 +1,231 @@
+"""High availability on PostgreSQL (issue 15): the fenced backend, the renewal timer, the
+wiring of a ``postgresql://`` state, and real daemons sharing one database with the dev
+requester: only the leader acts; a kill -9 or a SIGSTOP of the leader hands over within
+lease + 5 s with no duplicate and no lost job; a stopped-then-resumed leader sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.app import wiring
+from reconciler.domain.manifest import Manifest
+from reconciler.engine.fenced import FencedBackend, NotLeading
+from reconciler.ports import JobInfo, JobPhase
+from reconciler.service.timers import Renewal
+from reconciler.settings import Settings
+from tests.conftest import DevProcess
+from tests.daemon_proc import DaemonProcess
+from tests.pgserver import PgServer, running_server, unavailable_reason
+from tests.reliability.common import audit, figures, manifest, seeded, size
+
+_REASON = unavailable_reason()
+
+
+class _Recording:
+    """A Backend that records what reached it."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    @property
+    def identity(self) -> str:
+        return "me"
+
+    async def submit(self, manifest: Manifest, uid: str) -> JobInfo:
+        self.sent.append(uid)
+        return JobInfo("j-1", JobPhase.RUNNING)
+
+    async def find(self, uids: object) -> dict[str, list[JobInfo]]:
+        self.sent.append("find")
+        return {}
+
+    async def find_by_name(self, names: object) -> dict[str, list[JobInfo]]:
+        return {}
+
+    async def stop(self, job_id: str, reason: str) -> str:
+        self.sent.append(f"stop {job_id}")
+        return "Cancelled"
+
+    async def status(self, job_id: str) -> JobInfo | None:
+        return None
+
+    async def owner_of(self, job_id: str) -> str | None:
+        return None
+
+
+def test_a_fenced_backend_sends_nothing_once_the_lease_is_not_ours() -> None:
+    inner = _Recording()
+    leading = [True]
+    fenced = FencedBackend(inner, lambda: leading[0])
+    asyncio.run(fenced.stop("j-1", "r"))
+    leading[0] = False
+    with pytest.raises(NotLeading):
+        asyncio.run(fenced.stop("j-2", "r"))
+    with pytest.raises(NotLeading):
+        asyncio.run(fenced.find(["u"]))
+    assert inner.sent == ["stop j-1"] and fenced.refused == 2
+
+
+def test_renewal_counts_from_the_start_of_the_previous_campaign() -> None:
+    now = [100.0]
+    renewal = Renewal(5.0, clock=lambda: now[0])
+    assert renewal.delay() == 0.0  # the first campaign at once
+    renewal.started()
+    now[0] += 1.5  # the round trip took 1.5 s
+    assert renewal.delay() == pytest.approx(3.5)
+    now[0] += 10  # a campaign that overran: the next one at once
+    assert renewal.delay() == 0.0
+
+
+def test_a_postgres_state_is_a_url_and_local_files_do_not_derive_from_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "sd"))
+    url = "postgresql://rec:pw@db.example:5432/reconciler"
+    settings = Settings(state=url, lease="2s")  # type: ignore[arg-type]
+    assert settings.state == url and settings.lease == 2.0  # the // kept, the duration read
+    assert wiring.is_postgres(settings)
+    assert wiring.work_dir(settings) == tmp_path / "sd"
+    assert wiring.work_dir(settings.model_copy(update={"work_dir": tmp_path / "w"})) == \
+        tmp_path / "w"
+    sqlite = Settings(state=str(tmp_path / "s" / "state.db"))  # type: ignore[arg-type]
+    assert not wiring.is_postgres(sqlite) and wiring.work_dir(sqlite) == tmp_path / "s"
+
+
+# --- real daemons on one database ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    if _REASON is not None:
+        pytest.skip(f"PostgreSQL: {_REASON}")
+    with running_server() as server:
+        yield server
+
+
+LEASE = 2.0
+
+
+def _ha_daemon(root: Path, url: str, dev: DevProcess, key: Path, instance: str,
+               tmp: Path) -> DaemonProcess:
+    return DaemonProcess(
+        ["--manifests", str(root), "--state", url, "--endpoint", dev.url, "--key", str(key)],
+        env={"RECONCILER_LEASE": str(LEASE), "RECONCILER_INSTANCE": instance,
+             "RECONCILER_WORK_DIR": str(tmp / instance), "RECONCILER_RESYNC_INTERVAL": "3",
+             "RECONCILER_POLL_INTERVAL": "1"})
+
+
+def _acted(daemon: DaemonProcess) -> int:
+    return len(daemon.named("job.submitted")) + len(daemon.named("job.cancelled"))
+
+
+def _leader(daemons: list[DaemonProcess], timeout: float = 15.0) -> DaemonProcess:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in daemons:
+            acquired, lost = d.named("leader.acquired"), d.named("leader.lost")
+            if len(acquired) > len(lost) and d.process.poll() is None:
+                return d
+        time.sleep(0.05)
+    raise AssertionError("no leader emerged")
+
+
+def _wait_all_live(dev: DevProcess, wanted: dict[str, str], timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if audit(dev.jobs(), wanted).clean:
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"not converged: {audit(dev.jobs(), wanted).problems[:10]}")
+
+
+def test_three_daemons_one_acts_and_a_kill9_hands_over(
+        pg: PgServer, tmp_path: Path, dev_factory: Callable[..., DevProcess],
+        rsa_key: Path) -> None:
+    rng = seeded("ha-kill9")
+    count, trials = size(60, 200), size(3, 20)
+    dev = dev_factory("--latency", "0.004", "--job-duration", "3600")
+    url = pg.create_database(f"ha_{uuid.uuid4().hex[:10]}")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    wanted: dict[str, str] = {}
+    for i in range(count):
+        wanted[f"m-{i:04d}"] = f"img:{i}"
+        (root / f"m-{i:04d}.yaml").write_text(manifest(f"m-{i:04d}", wanted[f"m-{i:04d}"]))
+    daemons = [_ha_daemon(root, url, dev, rsa_key, f"host-{n}", tmp_path) for n in range(3)]
+    handovers: list[float] = []
+    try:
+        for trial in range(trials):
+            leader = _leader(daemons)
+            time.sleep(rng.uniform(0.0, 1.0))  # somewhere in the cold sync (or after it)
+            killed_at = time.monotonic()
+            leader.signal(signal.SIGKILL)
+            leader.wait()
+            standbys = [d for d in daemons if d is not leader]
+            before = {id(d): len(d.named("leader.acquired")) for d in standbys}
+            # a new manifest, so the next leader has something to do
+            name = f"new-{trial}"
+            wanted[name] = f"img:new-{trial}"
+            (root / f"{name}.yaml").write_text(manifest(name, wanted[name]))
+            deadline = killed_at + LEASE + 5
+            while not any(len(d.named("leader.acquired")) > before[id(d)] for d in standbys):
+                assert time.monotonic() < deadline, "no standby took over within lease + 5 s"
+                time.sleep(0.05)
+            handovers.append(round(time.monotonic() - killed_at, 2))
+            daemons = [*standbys, _ha_daemon(root, url, dev, rsa_key, f"host-r{trial}",
+                                             tmp_path)]
+        recovery = _wait_all_live(dev, wanted, 120)
+        # Between kills only one daemon ever acted: every daemon that acted led at the time.
+        for d in daemons:
+            if _acted(d):
+                assert d.named("leader.acquired"), "a daemon that never led acted"
+        result = audit(dev.jobs(), wanted)
+        figures("ha_kill9", manifests=len(wanted), trials=trials, handover_s=max(handovers),
+                duplicates=result.duplicates, lost=result.lost, recovery_s=round(recovery, 2))
+        assert result.clean, result.problems[:10]
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+def test_a_stopped_leader_sends_nothing_when_it_resumes(
+        pg: PgServer, tmp_path: Path, dev_factory: Callable[..., DevProcess],
+        rsa_key: Path) -> None:
+    dev = dev_factory("--job-duration", "3600")
+    url = pg.create_database(f"ha_{uuid.uuid4().hex[:10]}")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    wanted = {f"m-{i}": f"img:{i}" for i in range(10)}
+    for name, image in wanted.items():
+        (root / f"{name}.yaml").write_text(manifest(name, image))
+    a = _ha_daemon(root, url, dev, rsa_key, "a", tmp_path)
+    b = _ha_daemon(root, url, dev, rsa_key, "b", tmp_path)
+    try:
+        old = _leader([a, b])
+        other = b if old is a else a
+        _wait_all_live(dev, wanted, 60)
+        old.signal(signal.SIGSTOP)
+        other.wait_event("leader.acquired", timeout=LEASE + 5)
+        for i in range(10, 15):  # work the new leader does while the old one is stopped
+            wanted[f"m-{i}"] = f"img:{i}"
+            (root / f"m-{i}.yaml").write_text(manifest(f"m-{i}", f"img:{i}"))
+        time.sleep(2 * LEASE)
+        acted = _acted(old)
+        old.signal(signal.SIGCONT)
+        old.wait_event("leader.lost", timeout=LEASE + 5)
+        _wait_all_live(dev, wanted, 60)
+        time.sleep(LEASE)
+        assert _acted(old) == acted, "the old leader acted after it lost the lease"
+        assert audit(dev.jobs(), wanted).clean
+        figures("ha_sigstop", stopped_s=2 * LEASE, old_leader_requests_after=_acted(old) - acted)
+    finally:
+        a.signal(signal.SIGCONT)
+        a.stop()
+        b.stop()
