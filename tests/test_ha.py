@@ -229,3 +229,44 @@ def test_a_stopped_leader_sends_nothing_when_it_resumes(
         a.signal(signal.SIGCONT)
         a.stop()
         b.stop()
+
+
+def test_cut_connections_and_a_database_outage_stop_all_action(
+        pg: PgServer, tmp_path: Path, dev_factory: Callable[..., DevProcess],
+        rsa_key: Path) -> None:
+    dev = dev_factory("--job-duration", "3600")
+    database = f"ha_{uuid.uuid4().hex[:10]}"
+    url = pg.create_database(database)
+    root = tmp_path / "manifests"
+    root.mkdir()
+    wanted = {f"m-{i}": f"img:{i}" for i in range(10)}
+    for name, image in wanted.items():
+        (root / f"{name}.yaml").write_text(manifest(name, image))
+    daemons = [_ha_daemon(root, url, dev, rsa_key, n, tmp_path) for n in ("a", "b")]
+    try:
+        leader = _leader(daemons)
+        _wait_all_live(dev, wanted, 60)
+        # pg_terminate_backend of every connection: the leader's renewal fails, it stops acting
+        pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+               f"WHERE datname = '{database}' AND pid <> pg_backend_pid()")
+        leader.wait_event("leader.lost", timeout=LEASE + 5)
+        _leader(daemons)  # someone leads again
+        # the database down: nobody acts while it is, everything recovers after
+        down = size(6, 30)
+        pg.stop("immediate")
+        stopped = time.monotonic()
+        acted = [_acted(d) for d in daemons]
+        for i in range(10, 13):
+            wanted[f"m-{i}"] = f"img:{i}"
+            (root / f"m-{i}.yaml").write_text(manifest(f"m-{i}", f"img:{i}"))
+        time.sleep(down)
+        assert [_acted(d) for d in daemons] == acted, "a daemon acted with the database down"
+        pg.start()
+        recovery = _wait_all_live(dev, wanted, 60)
+        result = audit(dev.jobs(), wanted)
+        figures("ha_db_down", down_s=round(time.monotonic() - stopped - recovery, 1),
+                recovery_s=round(recovery, 2), duplicates=result.duplicates, lost=result.lost)
+        assert result.clean, result.problems[:10]
+    finally:
+        for d in daemons:
+            d.stop()
