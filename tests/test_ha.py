@@ -89,13 +89,13 @@ def test_a_postgres_state_is_a_url_and_local_files_do_not_derive_from_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "sd"))
     url = "postgresql://rec:pw@db.example:5432/reconciler"
-    settings = Settings(state=url, lease="2s")  # type: ignore[arg-type]
+    settings = Settings(state=url, lease="2s")
     assert settings.state == url and settings.lease == 2.0  # the // kept, the duration read
     assert wiring.is_postgres(settings)
     assert wiring.work_dir(settings) == tmp_path / "sd"
     assert wiring.work_dir(settings.model_copy(update={"work_dir": tmp_path / "w"})) == \
         tmp_path / "w"
-    sqlite = Settings(state=str(tmp_path / "s" / "state.db"))  # type: ignore[arg-type]
+    sqlite = Settings(state=str(tmp_path / "s" / "state.db"))
     assert not wiring.is_postgres(sqlite) and wiring.work_dir(sqlite) == tmp_path / "s"
 
 
