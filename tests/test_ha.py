@@ -270,3 +270,39 @@ def test_cut_connections_and_a_database_outage_stop_all_action(
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_apply_and_status_on_a_postgres_state(
+        pg: PgServer, tmp_path: Path, dev: DevProcess, rsa_key: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from reconciler.app.cli import main
+    from reconciler.store.pglease import PostgresLease
+
+    url = pg.create_database(f"ha_{uuid.uuid4().hex[:10]}")
+    secret_url = url.replace("postgres@", "postgres:s3cret-pw@")  # trust auth ignores it
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(manifest("a", "img:a"))
+    monkeypatch.setenv("RECONCILER_WORK_DIR", str(tmp_path / "work"))
+    common = ["--state", secret_url, "--manifests", str(root)]
+    other = PostgresLease(url, "elsewhere", duration=30.0)
+    try:
+        assert other.campaign()
+        refused = CliRunner().invoke(main, ["apply", *common, "--endpoint", dev.url,
+                                            "--key", str(rsa_key)])
+        assert refused.exit_code != 0 and "another reconciler leads (elsewhere)" in \
+            refused.output, refused.output
+        assert dev.jobs() == []  # nothing sent
+        other.release()
+        done = CliRunner().invoke(main, ["apply", *common, "--endpoint", dev.url,
+                                         "--key", str(rsa_key)])
+        assert done.exit_code == 0, done.output
+        assert len(dev.jobs()) == 1
+        status = CliRunner().invoke(main, ["status", *common])
+        assert status.exit_code == 0, status.output
+        assert "leader: " in status.output and "a " in status.output
+        assert "s3cret-pw" not in refused.output + done.output + status.output
+    finally:
+        other.close()

@@ -362,7 +362,18 @@ async def apply_until_settled(
         except FetchError as exc:  # the pass below then reports the source not ready
             structlog.get_logger("reconciler").error("git.fetch_failed", error=str(exc))
     reconciler = wiring.reconciler(settings, store, policy, source)
-    async with wiring.backend(settings, signer) as backend:
+    leader = wiring.leader_of(store)
+    if leader is not None and not await asyncio.to_thread(leader.campaign):
+        # A PostgreSQL state shared with daemons: only the leader acts (docs/design.md,
+        # "High availability"); apply takes the lease only when nobody holds it.
+        info = wiring.leader_info(settings)
+        raise click.ClickException(
+            f"{store.location}: another reconciler leads ("
+            f"{info['holder'] if info else 'unknown'}); it reconciles this folder, so apply "
+            "changes nothing (use `plan` to preview)")
+    async with wiring.backend(settings, signer) as opened:
+        backend = opened if leader is None else wiring.fenced(
+            opened, lambda: leader.epoch is not None)
         executor = wiring.executor(settings, store, backend, policy)
         if sys.stderr.isatty():
             executor.on_progress = _progress_line
@@ -378,6 +389,8 @@ async def apply_until_settled(
         for _ in range(rounds - 1):
             if not result.plan.changes or result.report.failed:
                 break
+            if leader is not None:  # renewed between passes; a lost lease fails the pass
+                await asyncio.to_thread(leader.campaign)
             result = await reconciler.run_pass(executor)
         converged = (not result.plan.changes and not result.report.failed
                      and not result.plan.by_action(Action.WAIT))

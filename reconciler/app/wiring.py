@@ -179,6 +179,13 @@ async def backend(
         yield LegacyBackend(client)
 
 
+def fenced(jobs: Backend, may_act: Callable[[], bool]) -> Backend:
+    """A backend that sends nothing unless ``may_act()`` (the lease is ours)."""
+    from reconciler.engine.fenced import FencedBackend
+
+    return FencedBackend(jobs, may_act)
+
+
 def executor(
     settings: Settings, state: StateStore, jobs: Backend, policy: PlanPolicy
 ) -> Executor:

@@ -226,10 +226,11 @@ class PostgresStore:
 
     def close(self) -> None:
         self._db.close()
-        # As the SQLite store releases its FileLease: a clean stop hands over at once.
-        release = getattr(self._fence, "release", None)
-        if callable(release):
-            release()
+        # As the SQLite store releases its FileLease: a clean stop hands over at once (the
+        # lease wiring handed it is the store's: released, and its connection closed).
+        close = getattr(self._fence, "close", None)
+        if callable(close):
+            close()
 
     @property
     def fence(self) -> Fence | None:
