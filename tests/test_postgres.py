@@ -213,7 +213,9 @@ def test_a_write_under_a_lost_epoch_is_refused(pg_url: str) -> None:
         # old still believes (its clock did not move), but the database says otherwise
         assert old.epoch is not None
         with pytest.raises(NotLeader):
-            store.commit_intents([_record("b")])
+            store.commit_intents([_record("b")])  # one record: one fenced statement
+        with pytest.raises(NotLeader):
+            store.commit_intents([_record("c"), _record("d")])  # a fenced transaction
         assert [r.name for r in store.records()] == ["a"]
     finally:
         store.close()
