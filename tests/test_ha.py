@@ -306,3 +306,53 @@ def test_apply_and_status_on_a_postgres_state(
         assert "s3cret-pw" not in refused.output + done.output + status.output
     finally:
         other.close()
+
+
+class _FakeLease:
+    """Campaigning that leads until told otherwise."""
+
+    instance = "fake"
+    interval = 1.0
+
+    def __init__(self) -> None:
+        self._epoch: int | None = 7
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    def campaign(self) -> bool:
+        return self._epoch is not None
+
+    def step_down(self) -> None:
+        self._epoch = None
+
+
+def test_not_leader_in_a_pass_means_standby_not_a_failure(tmp_path: Path,
+                                                          rsa_key: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from reconciler.app.wiring import open_store
+    from reconciler.backends.signing import load_signer
+    from reconciler.service.daemon import Daemon
+    from reconciler.settings import load_settings
+    from reconciler.store.errors import NotLeader
+
+    settings = load_settings(None, manifests=tmp_path)
+    lease = _FakeLease()
+    with open_store(tmp_path / "s.db") as store:
+        daemon = Daemon(settings, load_signer(rsa_key), store, leader=lease)
+        daemon._leading = True
+        daemon._executor = object()  # type: ignore[assignment]  # never reached
+        daemon._watcher = None
+        assert daemon.may_act()
+
+        async def fenced_out(*args: object) -> object:
+            raise NotLeader("state: lease epoch 7 is no longer ours; nothing written")
+
+        daemon._reconciler.run_pass = fenced_out  # type: ignore[method-assign,assignment]
+        with capture_logs() as logs:
+            assert asyncio.run(daemon._guarded_pass()) is False
+        assert not daemon.may_act() and lease.epoch is None
+        names = [e["event"] for e in logs]
+        assert "leader.lost" in names and "pass.failed" not in names

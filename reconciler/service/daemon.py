@@ -478,13 +478,6 @@ class Daemon:
             return True
         return self._leading and self._leader.epoch is not None
 
-    def leadership(self) -> dict[str, object]:
-        """Who this daemon is: leader or standby, since when, under which epoch."""
-        epoch = self._leader.epoch if self._leader is not None else None
-        return {"role": "leader" if self.may_act() else "standby",
-                "instance": self._leader.instance if self._leader is not None else None,
-                "epoch": epoch, "since": self._leading_since}
-
     def _start_campaigner(self) -> asyncio.Task[None] | None:
         if self._leader is None:
             self._metrics.set("reconciler_leader", 1)
