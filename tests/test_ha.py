@@ -7,12 +7,15 @@ lease + 5 s with no duplicate and no lost job; a stopped-then-resumed leader sen
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from reconciler.app import wiring
@@ -114,12 +117,18 @@ LEASE = 2.0
 
 
 def _ha_daemon(root: Path, url: str, dev: DevProcess, key: Path, instance: str,
-               tmp: Path) -> DaemonProcess:
+               tmp: Path, **env: str) -> DaemonProcess:
     return DaemonProcess(
         ["--manifests", str(root), "--state", url, "--endpoint", dev.url, "--key", str(key)],
         env={"RECONCILER_LEASE": str(LEASE), "RECONCILER_INSTANCE": instance,
              "RECONCILER_WORK_DIR": str(tmp / instance), "RECONCILER_RESYNC_INTERVAL": "3",
-             "RECONCILER_POLL_INTERVAL": "1"})
+             "RECONCILER_POLL_INTERVAL": "1", **env})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _acted(daemon: DaemonProcess) -> int:
@@ -242,10 +251,22 @@ def test_cut_connections_and_a_database_outage_stop_all_action(
     wanted = {f"m-{i}": f"img:{i}" for i in range(10)}
     for name, image in wanted.items():
         (root / f"{name}.yaml").write_text(manifest(name, image))
-    daemons = [_ha_daemon(root, url, dev, rsa_key, n, tmp_path) for n in ("a", "b")]
+    ports = {"a": _free_port(), "b": _free_port()}
+    daemons = [_ha_daemon(root, url, dev, rsa_key, n, tmp_path,
+                          RECONCILER_METRICS_LISTEN=f"127.0.0.1:{ports[n]}") for n in ("a", "b")]
     try:
         leader = _leader(daemons)
         _wait_all_live(dev, wanted, 60)
+        # both ready (a healthy standby too); the metric says who leads
+        for daemon, name in zip(daemons, ("a", "b"), strict=True):
+            base = f"http://127.0.0.1:{ports[name]}"
+            def ready(url: str = base) -> bool:
+                return httpx.get(url + "/readyz").status_code == 200
+
+            daemon.wait_for(ready, what=f"{name} ready")
+            metrics = httpx.get(base + "/metrics").text
+            found = re.search(r"^reconciler_leader (\S+)$", metrics, re.MULTILINE)
+            assert found is not None and float(found[1]) == (1.0 if daemon is leader else 0.0)
         # pg_terminate_backend of every connection: the leader's renewal fails, it stops acting
         pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                f"WHERE datname = '{database}' AND pid <> pg_backend_pid()")
