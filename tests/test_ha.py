@@ -377,3 +377,19 @@ def test_not_leader_in_a_pass_means_standby_not_a_failure(tmp_path: Path,
         assert not daemon.may_act() and lease.epoch is None
         names = [e["event"] for e in logs]
         assert "leader.lost" in names and "pass.failed" not in names
+
+
+def test_a_standby_probe_decides_nothing(tmp_path: Path) -> None:
+    from reconciler.service.probe import ProbeService
+    from reconciler.store.sqlite import Store
+    from tests.test_hostile_input import no_client_id, probe, probe_body
+
+    acting = [False]
+    with Store(tmp_path / "state.db") as store:
+        service = ProbeService(store, no_client_id, acting=lambda: acting[0])
+        refused = probe(service, probe_body())
+        assert refused.status == 503 and b"standby" in refused.body
+        assert store.approvals() == []  # nothing recorded, nothing decided
+        acting[0] = True
+        assert probe(service, probe_body()).status == 200
+        assert len(store.approvals()) == 1

@@ -17,6 +17,10 @@ interleave their writes to the store:
   ``shutdown_deadline`` seconds, then they are cancelled; exit 0. A second signal exits at once:
   SQLite's journal keeps the store whole either way.
 
+With a PostgreSQL state several daemons share one database: each campaigns for a lease every
+``lease / 3`` seconds (off the loop); only the leader's passes act, a standby's passes only read
+and plan (docs/design.md, "High availability").
+
 systemd hears ``READY=1`` after the first complete pass, ``STATUS=`` after each pass,
 ``WATCHDOG=1`` only while passes keep completing, ``RELOADING=1`` around a reload and
 ``STOPPING=1`` on the way out.
@@ -80,7 +84,6 @@ class Daemon:
         # Without a lease to campaign for (SQLite: the FileLease is held) this daemon leads.
         self._leader = leader
         self._leading = leader is None
-        self._leading_since: float | None = time.time() if leader is None else None
         self._signer = signer
         self._store = store
         self._reload = reload
@@ -467,8 +470,6 @@ class Daemon:
         await server.start(self.settings.metrics_listen)
         return server
 
-    # --- metrics ------------------------------------------------------------------------
-
     # --- leadership (docs/design.md, "High availability") ---------------------------------
 
     def may_act(self) -> bool:
@@ -491,16 +492,20 @@ class Daemon:
             renewal.started()
             # Blocking driver calls, on their own connection: off the loop, so a long pass
             # never delays a renewal and a renewal never stalls a pass.
-            leading = await asyncio.to_thread(leader.campaign)
+            error = None
+            try:
+                leading = await asyncio.to_thread(leader.campaign)
+                error = getattr(leader, "last_error", None)
+            except Exception as exc:  # a bug must not end the campaigns: stand by, retry
+                leading, error = False, f"{type(exc).__name__}: {exc}"
             if leading and not self._leading:
                 self._acquired(leader)
             elif not leading and self._leading:
-                error = getattr(leader, "last_error", None)
                 self._lost(f"renewal failed: {error}" if error else "the lease was not renewed")
             await asyncio.sleep(renewal.delay())
 
     def _acquired(self, leader: Campaigning) -> None:
-        self._leading, self._leading_since = True, time.time()
+        self._leading = True
         epoch = leader.epoch
         self._log.info("leader.acquired", instance=leader.instance, epoch=epoch,
                        reason="the lease was free; in-doubt intents of earlier epochs are "
@@ -517,12 +522,14 @@ class Daemon:
     def _lost(self, reason: str) -> None:
         assert self._leader is not None
         was_leading = self._leading
-        self._leading, self._leading_since = False, None
+        self._leading = False
         self._leader.step_down()
         self._metrics.set("reconciler_leader", 0)
         if was_leading:
             self._log.warning("leader.lost", instance=self._leader.instance, reason=reason)
         self._notifier.status(f"standby: {reason}")
+
+    # --- metrics ------------------------------------------------------------------------
 
     def _on_request(self, operation: str, status: int | None, seconds: float) -> None:
         self._metrics.inc("reconciler_requests_total", operation=operation,
