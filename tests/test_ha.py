@@ -214,8 +214,10 @@ def test_a_stopped_leader_sends_nothing_when_it_resumes(
     wanted = {f"m-{i}": f"img:{i}" for i in range(10)}
     for name, image in wanted.items():
         (root / f"{name}.yaml").write_text(manifest(name, image))
-    a = _ha_daemon(root, url, dev, rsa_key, "a", tmp_path)
-    b = _ha_daemon(root, url, dev, rsa_key, "b", tmp_path)
+    # a password in the URL (the test server trusts loopback): it must never be shown
+    secret = url.replace("postgres@", "postgres:s3cret-pw@")
+    a = _ha_daemon(root, secret, dev, rsa_key, "a", tmp_path)
+    b = _ha_daemon(root, secret, dev, rsa_key, "b", tmp_path)
     try:
         old = _leader([a, b])
         other = b if old is a else a
@@ -233,6 +235,8 @@ def test_a_stopped_leader_sends_nothing_when_it_resumes(
         time.sleep(LEASE)
         assert _acted(old) == acted, "the old leader acted after it lost the lease"
         assert audit(dev.jobs(), wanted).clean
+        assert not any("s3cret-pw" in line for line in a.raw + b.raw)
+        assert any("[redacted]" in str(e.get("state")) for e in a.named("daemon.started"))
         figures("ha_sigstop", stopped_s=2 * LEASE, old_leader_requests_after=_acted(old) - acted)
     finally:
         a.signal(signal.SIGCONT)
