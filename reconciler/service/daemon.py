@@ -367,7 +367,8 @@ class Daemon:
         changed = sorted(k for k in Settings.model_fields
                          if getattr(fresh, k) != getattr(self.settings, k))
         restart_needed = [k for k in changed if k in ("endpoint", "api_prefix", "key", "state",
-                                                      "watch", "metrics_listen", "manifests")]
+                                                      "watch", "metrics_listen", "manifests",
+                                                      "lease", "instance", "work_dir")]
         applied = [k for k in changed if k not in restart_needed]
         self.settings = self.settings.model_copy(update={k: getattr(fresh, k) for k in applied})
         self._reconciler.policy = self._policy()
