@@ -278,3 +278,37 @@ def _wait_until(condition: Any, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+@needs_pg
+def test_the_password_comes_from_the_systemd_credential(
+        pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A role that needs a password: the URL names none, ``$CREDENTIALS_DIRECTORY/
+    state-password`` supplies it; without it the error is one line without any secret."""
+    role = f"pw_{uuid.uuid4().hex[:8]}"
+    pg.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'cred-s3cret'")
+    database = pg.create_database(f"t_{uuid.uuid4().hex[:12]}").rsplit("/", 1)[1]
+    pg.sql(f'ALTER DATABASE "{database}" OWNER TO {role}')
+    hba = pg.folder / "data" / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + original)
+    reload = pg._run("pg_ctl", "-D", str(pg.folder / "data"), "reload")
+    assert reload.returncode == 0, reload.stderr
+    try:
+        url = f"postgresql://{role}@127.0.0.1:{pg.port}/{database}"
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+        with pytest.raises(StoreError) as refused:
+            PostgresStore(url)
+        message = str(refused.value)
+        assert "cred-s3cret" not in message and database in message
+        assert "password" in message and "\n" not in message
+        (tmp_path / "creds").mkdir()
+        (tmp_path / "creds" / "state-password").write_text("cred-s3cret\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+        with PostgresStore(url) as store:
+            store.commit_intents([_record("a")])
+            assert [r.name for r in store.records()] == ["a"]
+    finally:
+        hba.write_text(original)
+        pg._run("pg_ctl", "-D", str(pg.folder / "data"), "reload")
