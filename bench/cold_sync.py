@@ -1,6 +1,11 @@
 """Cold sync throughput: N new manifests submitted, against the work that cannot be avoided.
 
 Usage: python -m bench.cold_sync [--counts 1000,5000,10000] [--keys rsa,ed25519]
+                                [--state postgresql[://user@host/db]]
+
+``--state postgresql://…``: the reconciler's store is PostgreSQL (a fresh database on that
+server per run, writes fenced by a held lease); ``--state postgresql`` alone starts a
+throwaway local server (tests/pgserver.py).
 
 For each key type and N, each against a fresh dev requester:
   reconciler  one pass of the real code: read + parse N files, plan, durable intents, signed
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -23,6 +29,7 @@ from typing import Any
 import httpx
 
 from bench.common import key, requester, scratch, table
+from bench.pgstate import fresh_store, start_server
 from reconciler import events
 from reconciler.app.wiring import open_store
 from reconciler.backends.legacy import ApiClient
@@ -32,6 +39,7 @@ from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
 from reconciler.engine.reconcile import Reconciler
+from reconciler.ports import StateStore
 from reconciler.sources.folder import FolderSource
 from tests.reliability.common import manifest
 
@@ -44,8 +52,9 @@ def write_manifests(root: Path, count: int) -> None:
         (root / f"c-{index:05d}.yaml").write_text(manifest(f"c-{index:05d}", f"img:{index}"))
 
 
-async def reconciler_run(root: Path, state: Path, url: str, signer: Signer) -> float:
-    store = open_store(state)
+async def reconciler_run(root: Path, state: Path, url: str, signer: Signer,
+                         pg_url: str | None = None) -> float:
+    store: StateStore = open_store(state) if pg_url is None else fresh_store(pg_url)
     policy = PlanPolicy()
     async with ApiClient(url, signer) as client:
         executor = Executor(store, LegacyBackend(client), policy, concurrency=CONCURRENCY)
@@ -86,14 +95,15 @@ async def send_all(url: str, bodies: list[Any], sign: Signer | None,
         return time.perf_counter() - started
 
 
-def measure(directory: Path, key_type: str, count: int) -> list[object]:
+def measure(directory: Path, key_type: str, count: int,
+            pg_url: str | None = None) -> list[object]:
     signer = load_signer(directory / key_type / f"{key_type}.pem")
     root = directory / f"m-{count}"
     if not root.exists():
         write_manifests(root, count)
     with requester(directory) as url:
         state = directory / f"state-{key_type}-{count}.db"
-        reconciler = asyncio.run(reconciler_run(root, state, url, signer))
+        reconciler = asyncio.run(reconciler_run(root, state, url, signer, pg_url))
     bodies = payloads(root, signer, count)
     with requester(directory) as url:
         baseline = asyncio.run(send_all(url, bodies, signer))
@@ -117,7 +127,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", default="1000,5000,10000")
     parser.add_argument("--keys", default="rsa,ed25519")
+    parser.add_argument("--state", default=None, help="postgresql[://user@host/db]")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        pg_url = args.state
+        if pg_url == "postgresql":
+            pg_url = stack.enter_context(start_server()).url
+        run(args, pg_url)
+
+
+def run(args: argparse.Namespace, pg_url: str | None) -> None:
     with open(os.devnull, "w") as null:
         events.configure("json", "info", null)  # events rendered, as in the daemon
         directory = scratch()
@@ -125,10 +144,12 @@ def main() -> None:
             (directory / key_type).mkdir()
             key(directory / key_type, key_type)
         keys, counts = args.keys.split(","), args.counts.split(",")
-        rows = [measure(directory, k, int(n)) for k in keys for n in counts]
+        rows = [measure(directory, k, int(n), pg_url) for k in keys for n in counts]
         # the ceiling reuses the 1,000 RSA manifests measure() generated
         top = ceiling(directory) if "rsa" in keys and "1000" in counts else "-"
-    print(f"Cold sync (seconds; concurrency {CONCURRENCY}); target reconciler/baseline <= 1.3")
+    store = "PostgreSQL" if pg_url else "SQLite"
+    print(f"Cold sync, {store} store (seconds; concurrency {CONCURRENCY}); "
+          "target reconciler/baseline <= 1.3")
     print(table(["key", "N", "reconciler", "baseline", "transport", "jobs/s", "ratio"], rows))
     print(f"dev requester ceiling (pre-signed submits, concurrency 64): {top} requests/s")
 

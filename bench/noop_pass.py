@@ -2,6 +2,9 @@
 os.scandir + stat of the same tree.
 
 Usage: python -m bench.noop_pass [--counts 10000,100000] [--profile]
+                                [--state postgresql[://user@host/db]]
+
+``--state``: on PostgreSQL (a fresh database per run, a leading fenced store: bench/pgstate.py).
 
 Target (issue 8): <= 5x the baseline, and under 300 ms at 10,000.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import logging
@@ -21,17 +25,18 @@ from pathlib import Path
 import structlog
 
 from bench.common import scratch, table
+from bench.pgstate import fresh_store, start_server
 from reconciler.app.wiring import open_store
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
 from reconciler.engine.reconcile import Reconciler
+from reconciler.ports import StateStore
 from reconciler.sources.folder import FolderSource
-from reconciler.store.sqlite import Store
 from tests.reliability.common import manifest
 
 
-def populate(root: Path, store: Store, count: int) -> None:
+def populate(root: Path, store: StateStore, count: int) -> None:
     """N manifest files, and the store records a finished sync would have left."""
     records = []
     for index in range(count):
@@ -61,11 +66,13 @@ def timed_pass(reconciler: Reconciler) -> float:
     return result.duration
 
 
-def measure(count: int, profile: bool) -> list[object]:
+def measure(count: int, profile: bool, pg_url: str | None = None) -> list[object]:
     directory = scratch()
     root = directory / "manifests"
     root.mkdir()
-    with open_store(directory / "state.db") as store:
+    opened: StateStore = (open_store(directory / "state.db") if pg_url is None
+                          else fresh_store(pg_url))
+    with contextlib.closing(opened) as store:
         populate(root, store, count)
         reconciler = Reconciler(FolderSource(root), store, PlanPolicy())
         cold = timed_pass(reconciler)  # parses every file once
@@ -85,8 +92,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", default="10000,100000")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--state", default=None, help="postgresql[://user@host/db]")
     args = parser.parse_args()
-    rows = [measure(int(c), args.profile) for c in args.counts.split(",")]
+    with contextlib.ExitStack() as stack:
+        pg_url = args.state
+        if pg_url == "postgresql":
+            pg_url = stack.enter_context(start_server()).url
+        rows = [measure(int(c), args.profile, pg_url) for c in args.counts.split(",")]
+    print(f"{'PostgreSQL' if pg_url else 'SQLite'} store.")
     print("No-op pass over unchanged managed manifests (ms; no-op: best of 5)")
     print(table(["manifests", "first pass", "no-op pass", "scandir+stat", "ratio"], rows))
 

@@ -159,6 +159,31 @@ class Leadership(Protocol):
     def held(self) -> bool: ...
 
 
+class Campaigning(Protocol):
+    """Leadership among several daemons sharing one store (a lease with an epoch, renewed on
+    a timer by the daemon). A daemon without one always leads (SQLite: its FileLease)."""
+
+    instance: str
+
+    @property
+    def interval(self) -> float:
+        """How often to campaign (renew, or try to take the lease)."""
+        ...
+
+    @property
+    def epoch(self) -> int | None:
+        """Our epoch while our lease is valid by our own clock; None: we must not act."""
+        ...
+
+    def campaign(self) -> bool:
+        """Renew or take the lease; True if we lead. Blocking (run it off the loop)."""
+        ...
+
+    def step_down(self) -> None:
+        """Stop believing at once (a fenced write found the lease gone)."""
+        ...
+
+
 class StateStore(Protocol):
     """What the reconciler remembers: a record per managed name, approval policies, approvals.
 

@@ -22,6 +22,7 @@ from reconciler.events import truncate
 
 DEFAULT_CONFIG = Path("/etc/reconciler/config.toml")
 CLI_KEY = Path("~/.bacalhau/user_id.pem")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class SettingsError(Exception):
@@ -32,7 +33,8 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 #: Settings in seconds: each also accepts ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"``, as the
 #: flags do, so a config file and a command line read the same.
 DURATIONS = ("git_interval", "request_timeout", "resolve_delay", "backoff_base", "backoff_max",
-             "debounce", "max_delay", "resync_interval", "poll_interval", "shutdown_deadline")
+             "debounce", "max_delay", "resync_interval", "poll_interval", "shutdown_deadline",
+             "lease")
 
 
 def parse_duration(value: object) -> object:
@@ -66,9 +68,11 @@ class Settings(BaseSettings):
         "404: legacy); legacy is the signed V1beta1 API of Bacalhau <= 1.4.")
     namespace: str = Field("default", min_length=1, description="Orchestrator namespace of "
                            "the jobs.")
-    instance: str = Field("default", pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",
-                          description="Value of the reconciler-instance label: two "
-                          "reconcilers sharing a namespace must differ.")
+    instance_label: str = Field(
+        "default", pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$",
+        description="Value of the reconciler-instance label on orchestrator jobs: two "
+        "reconcilers sharing a namespace must differ; daemons sharing one database (HA) must "
+        "not (they manage the same jobs).")
     api_key: SecretStr | None = Field(None, description="Orchestrator API key (Bearer). "
                                       "Default: $CREDENTIALS_DIRECTORY/api-key, then "
                                       "BACALHAU_API_KEY.")
@@ -78,8 +82,18 @@ class Settings(BaseSettings):
                                            "BACALHAU_API_PASSWORD.")
     key: Path | None = Field(None, description="Signing key (RSA or Ed25519 PEM). Default: "
                              "$CREDENTIALS_DIRECTORY/signing-key, then ~/.bacalhau/user_id.pem.")
-    state: Path | None = Field(None, description="State database. Default: "
-                               "$STATE_DIRECTORY/state.db, else ~/.local/state/reconciler.")
+    state: Path | str | None = Field(None, description="State database: a SQLite file, or "
+                                     "postgresql://user@host/db for several daemons on one "
+                                     "database (one leads). Default: $STATE_DIRECTORY/state.db, "
+                                     "else ~/.local/state/reconciler.")
+    work_dir: Path | None = Field(None, description="Local files (the git working folder). "
+                                  "Default: beside a SQLite state, else $STATE_DIRECTORY, "
+                                  "else ~/.local/state/reconciler.")
+    lease: float = Field(15.0, ge=1, le=3600, description="PostgreSQL state: seconds a leader's "
+                         "lease lasts (renewed every third of it); a standby takes over within "
+                         "about this long after the leader dies.")
+    instance: str | None = Field(None, max_length=200, description="This daemon's name in the "
+                                 "lease (status, events). Default: the host name.")
     # --- a git repository as the source (instead of a folder) ---------------------------
     git_url: str | None = Field(None, description="Follow this repository: fetched into the "
                                 "state directory, reconciled from immutable snapshots.")
@@ -135,6 +149,14 @@ class Settings(BaseSettings):
                               "most; when full of pending ones, new probes are answered 503.")
     approval_retention: float = Field(86400.0, gt=0, description="Seconds a decided, or "
                                       "still pending, approval request is kept.")
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _state(cls, value: object) -> object:
+        """A PostgreSQL URL stays text (a path would fold its ``//``); anything else is a path."""
+        if isinstance(value, str):
+            return value if value.startswith(POSTGRES_SCHEMES) else Path(value)
+        return value
 
     @field_validator(*DURATIONS, mode="before")
     @classmethod

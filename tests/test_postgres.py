@@ -19,13 +19,13 @@ import pytest
 
 from reconciler.domain.records import Approval, Phase, Record, Run, StoredPolicy
 from reconciler.domain.schedule import ScheduleState
-from reconciler.store.errors import StoreError
+from reconciler.store.errors import NotLeader, StoreError
 from reconciler.store.sqlite import Store
 from tests.pgserver import PgServer, running_server, unavailable_reason
 
 try:
     from reconciler.store.pglease import PostgresLease
-    from reconciler.store.postgres import NotLeader, PostgresStore
+    from reconciler.store.postgres import PostgresStore
 except ImportError:  # psycopg missing: the skip below says so
     pass
 
@@ -137,6 +137,41 @@ def test_policies_and_approvals(any_store: Any) -> None:
     assert any_store.approval("nope") is None
 
 
+def test_spec_views_kept_only_while_a_record_names_them(any_store: Any) -> None:
+    a = _record("a")
+    any_store.commit_intents([a])
+    any_store.save_views({a.spec_hash: {"image": "ubuntu"}, "gone" * 16: {"image": "x"}})
+    assert any_store.view(a.spec_hash) == {"image": "ubuntu"}
+    assert any_store.view("gone" * 16) is None  # no record names it
+    any_store.save_views({a.spec_hash: {"image": "debian"}})
+    assert any_store.view(a.spec_hash) == {"image": "debian"}
+
+
+def test_cancels_are_counted_in_the_forget_transaction(any_store: Any) -> None:
+    any_store.commit_intents([_record("a"), _record("b"), _record("c")])
+    any_store.forget(["a", "b"], cancelled_at=1000.0)
+    any_store.forget(["c"])  # not a cancel: not counted
+    assert any_store.records() == []
+    assert any_store.recent_cancels(1000.0) == 2
+    assert any_store.recent_cancels(1000.5) == 0
+    any_store.clear_cancels()
+    assert any_store.recent_cancels(0.0) == 0
+
+
+def test_approvals_counted_and_pruned(any_store: Any) -> None:
+    for i, (state, received) in enumerate([("pending", 1.0), ("approved", 2.0),
+                                           ("rejected", 3.0), ("pending", 50.0),
+                                           ("approved", 60.0), ("approved", 70.0)]):
+        decided = None if state == "pending" else received
+        any_store.save_approval(Approval(f"j-{i}", "n", "http://n/cb", "s", state, "", "",
+                                         received, decided))
+    assert any_store.approval_count() == 6
+    # before 10: j-0 (pending, old), j-1, j-2 go; then keep 2: the oldest decided (j-4) goes
+    assert any_store.prune_approvals(before=10.0, keep=2) == 4
+    assert sorted(a.job_id for a in any_store.approvals()) == ["j-3", "j-5"]
+    assert any_store.approval_count() == 2
+
+
 # --- PostgreSQL specifics ------------------------------------------------------------------
 
 
@@ -204,7 +239,9 @@ def test_a_write_under_a_lost_epoch_is_refused(pg_url: str) -> None:
         # old still believes (its clock did not move), but the database says otherwise
         assert old.epoch is not None
         with pytest.raises(NotLeader):
-            store.commit_intents([_record("b")])
+            store.commit_intents([_record("b")])  # one record: one fenced statement
+        with pytest.raises(NotLeader):
+            store.commit_intents([_record("c"), _record("d")])  # a fenced transaction
         assert [r.name for r in store.records()] == ["a"]
     finally:
         store.close()
@@ -267,3 +304,37 @@ def _wait_until(condition: Any, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+@needs_pg
+def test_the_password_comes_from_the_systemd_credential(
+        pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A role that needs a password: the URL names none, ``$CREDENTIALS_DIRECTORY/
+    state-password`` supplies it; without it the error is one line without any secret."""
+    role = f"pw_{uuid.uuid4().hex[:8]}"
+    pg.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'cred-s3cret'")
+    database = pg.create_database(f"t_{uuid.uuid4().hex[:12]}").rsplit("/", 1)[1]
+    pg.sql(f'ALTER DATABASE "{database}" OWNER TO {role}')
+    hba = pg.folder / "data" / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + original)
+    reload = pg._run("pg_ctl", "-D", str(pg.folder / "data"), "reload")
+    assert reload.returncode == 0, reload.stderr
+    try:
+        url = f"postgresql://{role}@127.0.0.1:{pg.port}/{database}"
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+        with pytest.raises(StoreError) as refused:
+            PostgresStore(url)
+        message = str(refused.value)
+        assert "cred-s3cret" not in message and database in message
+        assert "password" in message and "\n" not in message
+        (tmp_path / "creds").mkdir()
+        (tmp_path / "creds" / "state-password").write_text("cred-s3cret\n")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+        with PostgresStore(url) as store:
+            store.commit_intents([_record("a")])
+            assert [r.name for r in store.records()] == ["a"]
+    finally:
+        hba.write_text(original)
+        pg._run("pg_ctl", "-D", str(pg.folder / "data"), "reload")

@@ -119,7 +119,8 @@ _SHARED: dict[str, Callable[..., Any]] = {
     "namespace": lambda hidden: click.option(
         "--namespace", hidden=hidden, help="Orchestrator namespace [default: default]."),
     "state": lambda hidden: click.option(
-        "--state", type=click.Path(path_type=Path), hidden=hidden, help="State database."),
+        "--state", hidden=hidden,
+        help="State database: a file, or postgresql://user@host/db (HA)."),
     "git_url": lambda hidden: click.option(
         "--git-url", hidden=hidden, help="Follow this git repository instead of a folder."),
     "git_ref": lambda hidden: click.option(
@@ -384,7 +385,18 @@ async def apply_until_settled(
         except FetchError as exc:  # the pass below then reports the source not ready
             structlog.get_logger("reconciler").error("git.fetch_failed", error=str(exc))
     reconciler = wiring.reconciler(settings, store, policy, source)
-    async with wiring.backend(settings, signer) as backend:
+    leader = wiring.leader_of(store)
+    if leader is not None and not await asyncio.to_thread(leader.campaign):
+        # A PostgreSQL state shared with daemons: only the leader acts (docs/design.md,
+        # "High availability"); apply takes the lease only when nobody holds it.
+        info = wiring.leader_info(settings)
+        raise click.ClickException(
+            f"{store.location}: another reconciler leads ("
+            f"{info['holder'] if info else 'unknown'}); it reconciles this folder, so apply "
+            "changes nothing (use `plan` to preview)")
+    async with wiring.backend(settings, signer) as opened:
+        backend = opened if leader is None else wiring.fenced(
+            opened, lambda: leader.epoch is not None)
         executor = wiring.executor(settings, store, backend, policy)
         if sys.stderr.isatty():
             executor.on_progress = _progress_line
@@ -400,6 +412,8 @@ async def apply_until_settled(
         for _ in range(rounds - 1):
             if not result.plan.changes or result.report.failed:
                 break
+            if leader is not None:  # renewed between passes; a lost lease fails the pass
+                await asyncio.to_thread(leader.campaign)
             result = await reconciler.run_pass(executor)
         converged = (not result.plan.changes and not result.report.failed
                      and not result.plan.by_action(Action.WAIT))
@@ -432,7 +446,7 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
 
     Exit 1 when there is no state database yet."""
     settings = settings_from(config, **flags)
-    if not wiring.state_path(settings).exists():
+    if not wiring.is_postgres(settings) and not wiring.state_path(settings).exists():
         raise click.ClickException(
             f"no state yet: {wiring.state_path(settings)} does not exist (nothing has been "
             "reconciled with this --state; run `reconciler run` or `reconciler apply`)")
@@ -453,6 +467,7 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         # Changes not carried out yet (a requester that could not be reached, a daemon that is
         # not running): the network is not in line with the folder.
         overall = "degraded"
+    leader = wiring.leader_info(settings)
     held = len(the_plan.by_action(Action.HOLD))
     holds = {d.name: d.reason for d in the_plan.by_action(Action.HOLD)}
     written = max((r.updated_at for r in records), default=0.0)
@@ -468,7 +483,9 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         out(json.dumps({"state": overall, "held": held, "reason": the_plan.guards[0].reason
                         if the_plan.guards else "", "refreshed_at": iso_time(refreshed),
                         "recorded_at": iso_time(written), "api": api, "jobs": rows,
-                        "schedules": schedules}, indent=2))
+                        "schedules": schedules}
+                       | ({"leader": leader} if wiring.is_postgres(settings) else {}),
+                       indent=2))
         return
     out(f"state: {overall}" + (f" ({held} held manifests)" if held else ""),
         fg=_STATE_COLOURS.get(overall), bold=True)
@@ -477,6 +494,10 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
     age = f" ({refreshed - written:.0f}s ago)" if written else ""
     out(f"as of {iso_time(refreshed)}: source read now; store last written "
         f"{iso_time(written) or 'never'}{age}")
+    if wiring.is_postgres(settings):
+        out(f"leader: {leader['holder'] or 'none'} since {leader['since']} (epoch "
+            f"{leader['epoch']}; lease until {leader['expires']})" if leader
+            else "leader: unknown (the lease could not be read)")
     for guard in the_plan.guards:
         out(f"guard {guard.name}: {guard.reason}", fg="red")
     header = ("NAME", "PHASE", "JOB ID", "JOB STATE", "SPEC", "SOURCE", "LAST ERROR")
@@ -672,11 +693,13 @@ def _record_decision(settings: Settings, job_id: str, verdict: str, reason: str)
         store = wiring.store(settings, writer=True, exclusive=False)
     except StoreError:
         return
-    with store:
+    try:
         pending = store.approval(job_id)
         if pending is not None:
             store.save_approval(replace(pending, state=verdict, reason=reason,
                                         decided_at=time.time()))
+    finally:
+        store.close()
 
 
 def _print_approvals(settings: Settings, as_json: bool) -> None:

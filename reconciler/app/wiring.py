@@ -29,7 +29,7 @@ from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
 from reconciler.engine.reconcile import Reconciler
-from reconciler.ports import Backend, Source, StateStore
+from reconciler.ports import Backend, Campaigning, Source, StateStore
 from reconciler.settings import Settings, api_credentials
 from reconciler.sources.folder import FolderSource
 from reconciler.sources.watch import Watcher
@@ -51,8 +51,32 @@ def default_state_path() -> Path:
     return Path.home() / ".local/state/reconciler/state.db"
 
 
+def is_postgres(settings: Settings) -> bool:
+    """``state`` is a PostgreSQL URL: several daemons share it, one leads."""
+    return isinstance(settings.state, str)
+
+
 def state_path(settings: Settings) -> Path:
+    """The SQLite file (callers check :func:`is_postgres` first)."""
+    if isinstance(settings.state, str):
+        raise ValueError("the state is a PostgreSQL database, not a file")
     return settings.state or default_state_path()
+
+
+def state_url(settings: Settings) -> str:
+    assert isinstance(settings.state, str)
+    return settings.state
+
+
+def work_dir(settings: Settings) -> Path:
+    """Where local files go (the git working folder): ``work_dir``, else beside a SQLite
+    state, else ``$STATE_DIRECTORY`` or ``~/.local/state/reconciler``; never derived from a
+    URL."""
+    if settings.work_dir is not None:
+        return settings.work_dir
+    if not is_postgres(settings):
+        return state_path(settings).parent
+    return default_state_path().parent
 
 
 def plan_policy(settings: Settings, *, allow_mass_cancel: bool = False,
@@ -74,7 +98,7 @@ def source(settings: Settings) -> Source:
     if settings.git_url:
         from reconciler.sources.git import GitSource
 
-        workdir = state_path(settings).parent / "git"
+        workdir = work_dir(settings) / "git"
         return GitSource(settings.git_url, settings.git_ref, settings.git_path, workdir)
     return FolderSource(settings.manifests)
 
@@ -103,8 +127,47 @@ def open_store(path: Path, *, writer: bool = True, exclusive: bool = True) -> St
         raise
 
 
-def store(settings: Settings, *, writer: bool, exclusive: bool = True) -> Store:
+def store(settings: Settings, *, writer: bool, exclusive: bool = True) -> StateStore:
+    """SQLite, or PostgreSQL for a URL: an ``exclusive`` writer there is fenced by a lease it
+    does not hold yet (the daemon campaigns for it: :func:`leader_of`)."""
+    if is_postgres(settings):
+        from reconciler.store.pglease import PostgresLease
+        from reconciler.store.postgres import PostgresStore
+
+        url = state_url(settings)
+        lease = (PostgresLease(url, settings.instance, settings.lease)
+                 if writer and exclusive else None)
+        pg: StateStore = PostgresStore(url, writer=writer, fence=lease)
+        return pg
     return open_store(state_path(settings), writer=writer, exclusive=exclusive)
+
+
+def leader_of(state: StateStore) -> Campaigning | None:
+    """The lease a store's writes are fenced by, which the daemon campaigns for; None when
+    the store needs no campaign (SQLite: its FileLease is held for good)."""
+    from reconciler.store.pglease import PostgresLease
+
+    fence = getattr(state, "fence", None)
+    return fence if isinstance(fence, PostgresLease) else None
+
+
+def leader_info(settings: Settings) -> dict[str, object] | None:
+    """Who leads a PostgreSQL state, since when, under which epoch (None: SQLite, or the
+    lease cannot be read)."""
+    if not is_postgres(settings):
+        return None
+    from reconciler.store.pglease import PostgresLease
+
+    lease = PostgresLease(state_url(settings), settings.instance, settings.lease)
+    try:
+        info = lease.info()
+    finally:
+        lease.close()
+    if info is None:
+        return None
+    return {"holder": info.holder, "epoch": info.epoch,
+            "since": info.acquired_at.isoformat() if info.acquired_at else None,
+            "expires": info.expires_at.isoformat() if info.expires_at else None}
 
 
 def approver(settings: Settings, signer: Signer) -> ApiClient:
@@ -166,7 +229,8 @@ async def backend(
                                       max_connections=max_connections) as orchestrator:
             orchestrator.on_request = on_request
             yield OrchestratorBackend(orchestrator, mode=choice.mode,
-                                      version=choice.server_version, instance=settings.instance)
+                                      version=choice.server_version,
+                                      instance=settings.instance_label)
         return
     if signer is None:
         raise RequesterError("the legacy API needs a signing key (--key)")
@@ -183,6 +247,13 @@ def api_of(jobs: Backend) -> dict[str, str]:
         return {"api": "orchestrator", "api_mode": jobs.mode,
                 "server_version": jobs.version or "unknown"}
     return {"api": "legacy", "api_mode": "legacy", "server_version": ""}
+
+
+def fenced(jobs: Backend, may_act: Callable[[], bool]) -> Backend:
+    """A backend that sends nothing unless ``may_act()`` (the lease is ours)."""
+    from reconciler.engine.fenced import FencedBackend
+
+    return FencedBackend(jobs, may_act)
 
 
 def executor(
@@ -207,4 +278,5 @@ def daemon(
 ) -> Daemon:
     from reconciler.service.daemon import Daemon
 
-    return Daemon(settings, signer, state, reload=reload, notifier=notifier)
+    return Daemon(settings, signer, state, reload=reload, notifier=notifier,
+                  leader=leader_of(state))

@@ -17,6 +17,10 @@ interleave their writes to the store:
   ``shutdown_deadline`` seconds, then they are cancelled; exit 0. A second signal exits at once:
   SQLite's journal keeps the store whole either way.
 
+With a PostgreSQL state several daemons share one database: each campaigns for a lease every
+``lease / 3`` seconds (off the loop); only the leader's passes act, a standby's passes only read
+and plan (docs/design.md, "High availability").
+
 systemd hears ``READY=1`` after the first complete pass, ``STATUS=`` after each pass,
 ``WATCHDOG=1`` only while passes keep completing, ``RELOADING=1`` around a reload and
 ``STOPPING=1`` on the way out.
@@ -41,17 +45,18 @@ from reconciler.backends.errors import RequesterError
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
+from reconciler.engine.fenced import FencedBackend
 from reconciler.engine.observe import observe
 from reconciler.engine.reconcile import PassResult
-from reconciler.ports import Backend, Fetching, Settling, StateStore
+from reconciler.ports import Backend, Campaigning, Fetching, Settling, StateStore
 from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
 from reconciler.service.notify import Notifier
 from reconciler.service.probe import MAX_PROBE_BODY, ProbeService
-from reconciler.service.timers import Backoff, PollBudget, ScheduleClock, Settle
+from reconciler.service.timers import Backoff, PollBudget, Renewal, ScheduleClock, Settle
 from reconciler.settings import Settings, SettingsError
 from reconciler.sources.errors import FetchError
-from reconciler.store.errors import StoreError
+from reconciler.store.errors import NotLeader, StoreError
 
 _RETRY_AFTER_FAILED_PASS = 2.0
 _SETTLE_AFTER_CHANGES = 1.0
@@ -73,8 +78,12 @@ class Daemon:
         *,
         reload: Callable[[], Settings] | None = None,
         notifier: Notifier | None = None,
+        leader: Campaigning | None = None,
     ) -> None:
         self.settings = settings
+        # Without a lease to campaign for (SQLite: the FileLease is held) this daemon leads.
+        self._leader = leader
+        self._leading = leader is None
         self._signer = signer
         self._store = store
         self._reload = reload
@@ -134,28 +143,39 @@ class Daemon:
         try:
             self._api = await wiring.choose_api(self.settings)
             started = False
-            while not self._stopping:
-                # Reopened when the server's API or mode changed under us (an upgrade): the
-                # store and its records stay; only the backend is replaced.
-                async with wiring.backend(self.settings, self._signer,
-                                          on_request=self._on_request, choice=self._api,
-                                          max_connections=max(16, self.settings.concurrency)
-                                          ) as backend:
-                    self._backend: Backend = backend
-                    api = wiring.api_of(backend)
-                    self._metrics.replace("reconciler_api_info", [
-                        ({"api": api["api"], "mode": api["api_mode"],
-                          "server_version": api["server_version"]}, 1.0)])
-                    if not started:
-                        self._log.info("daemon.started", manifests=self._describe_source(),
-                                       endpoint=self.settings.endpoint,
-                                       client_id=backend.identity, **api,
-                                       state=self._store.location, watch=self.settings.watch,
-                                       pid=os.getpid())
-                        started = True
-                    self._executor = self._new_executor()
-                    if not await self._work_loop():
-                        break
+            campaigner: asyncio.Task[None] | None = None
+            try:
+                while not self._stopping:
+                    # Reopened when the server's API or mode changed under us (an upgrade):
+                    # the store and its records stay; only the backend is replaced.
+                    async with wiring.backend(self.settings, self._signer,
+                                              on_request=self._on_request, choice=self._api,
+                                              max_connections=max(16, self.settings.concurrency)
+                                              ) as backend:
+                        # Under a lease, every request asks first whether it is still ours.
+                        self._backend: Backend = (backend if self._leader is None
+                                                  else FencedBackend(backend, self.may_act))
+                        api = wiring.api_of(backend)
+                        self._metrics.replace("reconciler_api_info", [
+                            ({"api": api["api"], "mode": api["api_mode"],
+                              "server_version": api["server_version"]}, 1.0)])
+                        if not started:
+                            self._log.info("daemon.started", manifests=self._describe_source(),
+                                           endpoint=self.settings.endpoint,
+                                           client_id=backend.identity, **api,
+                                           state=self._store.location,
+                                           watch=self.settings.watch, pid=os.getpid())
+                            started = True
+                        self._executor = self._new_executor()
+                        if campaigner is None:  # once the first executor exists
+                            campaigner = self._start_campaigner()
+                        if not await self._work_loop():
+                            break
+            finally:
+                if campaigner is not None:
+                    campaigner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await campaigner
         finally:
             self._notifier.stopping()
             if pinger is not None:
@@ -282,8 +302,9 @@ class Daemon:
         if self._watcher is not None and self._watcher.ensure():
             self._log.info("watch.moved", manifests=str(self.settings.manifests))
         assert self._executor is not None
-        self._pass_task = asyncio.create_task(self._reconciler.run_pass(self._executor,
-                                                                         settling))
+        # A standby reads and plans (status, readiness) but carries nothing out.
+        executor = self._executor if self.may_act() else None
+        self._pass_task = asyncio.create_task(self._reconciler.run_pass(executor, settling))
         try:
             result = await self._pass_task
         except asyncio.CancelledError:
@@ -292,6 +313,10 @@ class Daemon:
             self._log.warning("pass.cancelled", reason="shutdown deadline reached")
             return False
         except (StoreError, RequesterError, OSError) as exc:
+            if self._leader is not None and (isinstance(exc, NotLeader) or not self.may_act()):
+                # Fenced out mid-pass: stop acting and stand by; not a failure of this daemon.
+                self._lost(str(exc) or type(exc).__name__)
+                return False
             self._pass_failed(exc)
             return False
         except Exception as exc:  # the loop must not die of a bug in one pass
@@ -320,11 +345,14 @@ class Daemon:
         self._last_result, self._last_pass_ok = result, True
         self._alive()
         self._record_pass_metrics(result)
+        summary = result.summary()
+        if self._leader is not None:
+            summary = f"{'leader' if self.may_act() else 'standby'}: {summary}"
         if first or self._reload_done_pending:
             self._reload_done_pending = False
-            self._notifier.ready(result.summary())
+            self._notifier.ready(summary)
         else:
-            self._notifier.status(result.summary())
+            self._notifier.status(summary)
 
     async def _fetch(self) -> bool:
         """Fetch the repository; True when a pass should follow (new commit, or a failure
@@ -346,6 +374,8 @@ class Daemon:
 
     async def _observe(self) -> bool:
         """Refresh live jobs; True when something changed that a pass should act on."""
+        if not self.may_act():  # a standby records nothing: the leader observes
+            return False
         with self._poll.measuring():
             try:
                 counts: Counter[str] = await observe(self._store, self._backend, self._policy())
@@ -383,7 +413,8 @@ class Daemon:
         changed = sorted(k for k in Settings.model_fields
                          if getattr(fresh, k) != getattr(self.settings, k))
         restart_needed = [k for k in changed if k in ("endpoint", "api_prefix", "key", "state",
-                                                      "watch", "metrics_listen", "manifests")]
+                                                      "watch", "metrics_listen", "manifests",
+                                                      "lease", "instance", "work_dir")]
         applied = [k for k in changed if k not in restart_needed]
         self.settings = self.settings.model_copy(update={k: getattr(fresh, k) for k in applied})
         self._reconciler.policy = self._policy()
@@ -465,7 +496,7 @@ class Daemon:
     async def _start_probe(self) -> HttpServer | None:
         if not self.settings.probe_listen:
             return None
-        service = ProbeService(self._store, self._client_id_of,
+        service = ProbeService(self._store, self._client_id_of, acting=self.may_act,
                                max_stored=self.settings.approval_max,
                                retention=self.settings.approval_retention)
         server = HttpServer(service.handle, max_body=MAX_PROBE_BODY)
@@ -485,6 +516,65 @@ class Daemon:
         server = HealthServer(self._metrics, self.healthy, self.ready, self.request_sync)
         await server.start(self.settings.metrics_listen)
         return server
+
+    # --- leadership (docs/design.md, "High availability") ---------------------------------
+
+    def may_act(self) -> bool:
+        """True while this daemon leads and its lease is valid by its own clock; checked
+        before every request (FencedBackend) and before every pass acts."""
+        if self._leader is None:
+            return True
+        return self._leading and self._leader.epoch is not None
+
+    def _start_campaigner(self) -> asyncio.Task[None] | None:
+        if self._leader is None:
+            self._metrics.set("reconciler_leader", 1)
+            return None
+        self._metrics.set("reconciler_leader", 0)
+        return asyncio.create_task(self._campaign_loop(self._leader))
+
+    async def _campaign_loop(self, leader: Campaigning) -> None:
+        renewal = Renewal(leader.interval)
+        while not self._stopping:
+            renewal.started()
+            # Blocking driver calls, on their own connection: off the loop, so a long pass
+            # never delays a renewal and a renewal never stalls a pass.
+            error = None
+            try:
+                leading = await asyncio.to_thread(leader.campaign)
+                error = getattr(leader, "last_error", None)
+            except Exception as exc:  # a bug must not end the campaigns: stand by, retry
+                leading, error = False, f"{type(exc).__name__}: {exc}"
+            if leading and not self._leading:
+                self._acquired(leader)
+            elif not leading and self._leading:
+                self._lost(f"renewal failed: {error}" if error else "the lease was not renewed")
+            await asyncio.sleep(renewal.delay())
+
+    def _acquired(self, leader: Campaigning) -> None:
+        self._leading = True
+        epoch = leader.epoch
+        self._log.info("leader.acquired", instance=leader.instance, epoch=epoch,
+                       reason="the lease was free; in-doubt intents of earlier epochs are "
+                              "resolved by uid first")
+        self._metrics.set("reconciler_leader", 1)
+        self._metrics.set("reconciler_leader_epoch", float(epoch or 0))
+        self._notifier.status(f"leader (epoch {epoch}): resolving, then reconciling")
+        # A fresh executor (no suspects of another epoch) and a pass at once: its plan
+        # resolves every record left submitting/cancelling before anything else is sent.
+        self._executor = self._new_executor()
+        self._sync_requested = True
+        self._wake.set()
+
+    def _lost(self, reason: str) -> None:
+        assert self._leader is not None
+        was_leading = self._leading
+        self._leading = False
+        self._leader.step_down()
+        self._metrics.set("reconciler_leader", 0)
+        if was_leading:
+            self._log.warning("leader.lost", instance=self._leader.instance, reason=reason)
+        self._notifier.status(f"standby: {reason}")
 
     # --- metrics ------------------------------------------------------------------------
 

@@ -93,6 +93,9 @@ def standard_metrics() -> Metrics:
         ("reconciler_ready", "gauge", "1 when the last pass was complete and the source ready.",
          ()),
         ("reconciler_last_pass_timestamp_seconds", "gauge", "When the last pass completed.", ()),
+        ("reconciler_leader", "gauge", "1 while this daemon leads (may act), 0 on a standby.",
+         ()),
+        ("reconciler_leader_epoch", "gauge", "The lease epoch this daemon last acquired.", ()),
         ("reconciler_requests_total", "counter", "Requests to the requester, by operation and "
                                                  "HTTP status (0: no reply).",
          ("operation", "status")),

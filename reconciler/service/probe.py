@@ -58,8 +58,11 @@ def summary(request: ProbeRequest) -> str:
 
 class ProbeService:
     def __init__(self, store: StateStore, lookup_client_id: ClientIdLookup, *,
-                 max_stored: int = 1000, retention: float = 86400.0) -> None:
+                 max_stored: int = 1000, retention: float = 86400.0,
+                 acting: Callable[[], bool] | None = None) -> None:
         self._store = store
+        #: False on a standby: it decides nothing (the leader does); nodes are told to retry.
+        self._acting = acting
         self._lookup = lookup_client_id
         self._max_stored = max_stored
         self._retention = retention
@@ -80,6 +83,8 @@ class ProbeService:
             return Response(400, b"not JSON\n")
         if not request.job_id:
             return Response(400, b"job_id is missing\n")
+        if self._acting is not None and not self._acting():
+            return Response(503, b"standby: the leading reconciler decides; try again later\n")
         outcome = await self._decide(request)
         if outcome is None:
             return Response(503, b"too many approval requests waiting; try again later\n")

@@ -150,3 +150,23 @@ class ScheduleClock:
     def seconds_until(self, at: float) -> float:
         """Real seconds until schedule time reaches ``at`` (0 when it has)."""
         return max(0.0, (at - self.now()) / self.speed)
+
+
+class Renewal:
+    """When to campaign for the lease next: ``interval`` after the previous campaign
+    *started*, so a slow round trip does not push renewals later and later (a leader renews
+    three times per lease; docs/design.md, "High availability"). A campaign that overran its
+    interval is followed by the next one at once."""
+
+    def __init__(self, interval: float, clock: Clock = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._started: float | None = None
+
+    def started(self) -> None:
+        self._started = self._clock()
+
+    def delay(self) -> float:
+        if self._started is None:
+            return 0.0
+        return max(0.0, self._started + self.interval - self._clock())

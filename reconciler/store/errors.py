@@ -17,3 +17,7 @@ class StoreTooNew(StoreError):
 
 class StoreCorrupt(StoreError):
     pass
+
+
+class NotLeader(StoreError):
+    """A fenced write found that our lease is gone: another daemon leads now (or none)."""

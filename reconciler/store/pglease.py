@@ -115,6 +115,10 @@ class PostgresLease:
         self._valid_until = started + self.duration - self.margin
         return True
 
+    def step_down(self) -> None:
+        """Stop believing at once: a fenced write found the lease is no longer ours."""
+        self._epoch = None
+
     def release(self) -> None:
         """Give the lease up now (a clean stop): a standby need not wait for it to expire."""
         epoch, self._epoch = self._epoch, None

@@ -24,6 +24,7 @@ credentials masked; :class:`NotLeader` when a fenced write finds the lease gone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,10 +38,11 @@ from psycopg.rows import dict_row
 from reconciler.domain.records import Approval, Phase, Record, Run, StoredPolicy
 from reconciler.domain.schedule import ScheduleState
 from reconciler.events import scrub_text
-from reconciler.store.errors import StoreError, StoreTooNew
+from reconciler.store.errors import NotLeader, StoreError, StoreTooNew
 from reconciler.store.sqlite import (
     _CLOSE_RUN,
     _PRUNE_RUNS,
+    CANCEL_HISTORY,
     SCHEMA_VERSION,
     _schedule_row,
     _schedule_state,
@@ -136,11 +138,12 @@ INSERT INTO leader_lease (id) VALUES (1) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
+#: Not a schema version, as on SQLite (store/sqlite.py): a cache of what ``plan`` may show of
+#: a replaced spec (domain/specview.py); without it plans show less.
+_VIEWS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS spec_views (spec_hash TEXT PRIMARY KEY, view TEXT NOT NULL)")
+
 _COLUMNS = tuple(f.name for f in fields(Record))
-
-
-class NotLeader(StoreError):
-    """A fenced write found that our lease is gone: another daemon leads now."""
 
 
 class Fence(Protocol):
@@ -231,6 +234,8 @@ class PostgresStore:
                 self._db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:
                 self._db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+            if self._writer:
+                self._db.execute(_VIEWS_TABLE)
         self._db.execute(f"SET search_path TO {SCHEMA}")
 
     @contextlib.contextmanager
@@ -249,6 +254,21 @@ class PostgresStore:
 
     def close(self) -> None:
         self._db.close()
+        # As the SQLite store releases its FileLease: a clean stop hands over at once (the
+        # lease wiring handed it is the store's: released, and its connection closed).
+        close = getattr(self._fence, "close", None)
+        if callable(close):
+            close()
+
+    @property
+    def fence(self) -> Fence | None:
+        """The lease this store's writes are fenced by (the daemon campaigns with it)."""
+        return self._fence
+
+    @property
+    def location(self) -> str:
+        """The URL with its password masked."""
+        return self.path
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -290,6 +310,22 @@ class PostgresStore:
         columns = ", ".join(f.name for f in fields(Approval))
         rows = self._query(f"SELECT {columns} FROM approvals WHERE job_id = %s", (job_id,))
         return Approval(**rows[0]) if rows else None
+
+    def view(self, spec_hash: str) -> dict[str, str] | None:
+        """The printable view of a spec this store submitted, when it kept one."""
+        try:
+            rows = self._query("SELECT view FROM spec_views WHERE spec_hash = %s", (spec_hash,))
+        except StoreError:  # a reader of a store no writer has opened since spec_views came
+            return None
+        return dict(json.loads(rows[0]["view"])) if rows else None
+
+    def approval_count(self) -> int:
+        return int(self._query("SELECT count(*) AS n FROM approvals")[0]["n"])
+
+    def recent_cancels(self, since: float) -> int:
+        """How many removals were cancelled at or after ``since`` (wall-clock seconds)."""
+        return int(self._query("SELECT count(*) AS n FROM cancels WHERE at >= %s",
+                               (since,))[0]["n"])
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._translated():
@@ -352,12 +388,52 @@ class PostgresStore:
     def save(self, records: Sequence[Record]) -> None:
         self._write(records)
 
-    def forget(self, names: Iterable[str]) -> None:
+    def save_views(self, views: Mapping[str, Mapping[str, str]]) -> None:
+        """Keep the views of these specs, and only those any record still names."""
+        if not views:
+            return
+        with self._transaction() as (cur, _):
+            cur.executemany(
+                "INSERT INTO spec_views VALUES (%s, %s) "
+                "ON CONFLICT (spec_hash) DO UPDATE SET view = EXCLUDED.view",
+                [(h, json.dumps(dict(v))) for h, v in views.items()])
+            cur.execute("DELETE FROM spec_views WHERE spec_hash NOT IN "
+                        "(SELECT spec_hash FROM jobs)")
+
+    def prune_approvals(self, *, before: float, keep: int) -> int:
+        """As on SQLite: requests decided, or pending but received, before ``before``; then
+        the oldest decided ones beyond ``keep`` rows. Returns rows deleted."""
+        with self._transaction() as (cur, _):
+            gone = cur.execute(
+                "DELETE FROM approvals WHERE (state = 'pending' AND received_at < %s) "
+                "OR (state != 'pending' AND coalesce(decided_at, received_at) < %s)",
+                (before, before)).rowcount
+            row = cur.execute("SELECT count(*) FROM approvals").fetchone()
+            excess = int(row[0] if row else 0) - keep
+            if excess > 0:
+                gone += cur.execute(
+                    "DELETE FROM approvals WHERE job_id IN (SELECT job_id FROM approvals "
+                    "WHERE state != 'pending' ORDER BY decided_at LIMIT %s)", (excess,)).rowcount
+        return int(gone)
+
+    def clear_cancels(self) -> None:
+        """Start the mass-cancel window afresh (an operator allowed a mass cancel)."""
+        with self._transaction() as (cur, _):
+            cur.execute("DELETE FROM cancels")
+
+    def forget(self, names: Iterable[str], *, cancelled_at: float | None = None) -> None:
+        """Drop records; ``cancelled_at``: their jobs were just cancelled because their
+        manifests were removed, which the mass-cancel guard counts (same transaction)."""
         gone = list(names)
         if not gone:
             return
         with self._transaction() as (cur, _):
             cur.execute("DELETE FROM jobs WHERE name = ANY(%s)", (gone,))
+            if cancelled_at is not None:
+                cur.executemany("INSERT INTO cancels VALUES (%s, %s)",
+                                [(n, cancelled_at) for n in gone])
+                cur.execute("DELETE FROM cancels WHERE at < %s",
+                            (cancelled_at - CANCEL_HISTORY,))
         if self._cache is not None:
             for name in gone:
                 self._cache.pop(name, None)
@@ -372,28 +448,58 @@ class PostgresStore:
         sql = (f"INSERT INTO jobs ({', '.join(_COLUMNS)}, epoch) "
                f"VALUES ({', '.join(['%s'] * (len(_COLUMNS) + 1))}) "
                f"ON CONFLICT (name) DO UPDATE SET {updates}")
-        with self._transaction() as (cur, epoch):
-            rows = [(*(asdict(r) | {"phase": str(r.phase), "updated_at": now}).values(), epoch)
-                    for r in records]
-            for run in runs:  # before the jobs rows: see store/sqlite.py
-                cur.execute(_CLOSE_RUN.replace("?", "%s"), (run.name, run.name))
-                cur.execute("INSERT INTO runs VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
-                            "(name, slot) DO UPDATE SET uid = EXCLUDED.uid, job_id = "
-                            "EXCLUDED.job_id, outcome = EXCLUDED.outcome, epoch = EXCLUDED.epoch",
-                            (run.name, run.slot, run.uid, run.job_id, run.outcome, epoch))
-            for name, keep in (keep_runs or {}).items():
-                cur.execute(_PRUNE_RUNS, (name, name, keep + 1))
-            if schedules:
-                cur.executemany(
-                    "INSERT INTO schedules VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) "
-                    "DO UPDATE SET cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, since = "
-                    "EXCLUDED.since, last_slot = EXCLUDED.last_slot, epoch = EXCLUDED.epoch",
-                    [(*_schedule_row(n, st), epoch) for n, st in schedules.items()])
-            if rows:
-                cur.executemany(sql, rows)
+        if len(records) == 1 and not schedules and not runs and self._fence is not None:
+            self._write_one(records[0], now, updates)
+        else:
+            with self._transaction() as (cur, epoch):
+                rows = [(*(asdict(r) | {"phase": str(r.phase), "updated_at": now}).values(),
+                         epoch) for r in records]
+                for run in runs:  # before the jobs rows: see store/sqlite.py
+                    cur.execute(_CLOSE_RUN.replace("?", "%s"), (run.name, run.name))
+                    cur.execute(
+                        "INSERT INTO runs VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
+                        "(name, slot) DO UPDATE SET uid = EXCLUDED.uid, job_id = "
+                        "EXCLUDED.job_id, outcome = EXCLUDED.outcome, epoch = EXCLUDED.epoch",
+                        (run.name, run.slot, run.uid, run.job_id, run.outcome, epoch))
+                for name, keep in (keep_runs or {}).items():
+                    cur.execute(_PRUNE_RUNS, (name, name, keep + 1))
+                if schedules:
+                    cur.executemany(
+                        "INSERT INTO schedules VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT "
+                        "(name) DO UPDATE SET cron = EXCLUDED.cron, timezone = "
+                        "EXCLUDED.timezone, since = EXCLUDED.since, last_slot = "
+                        "EXCLUDED.last_slot, epoch = EXCLUDED.epoch",
+                        [(*_schedule_row(n, st), epoch) for n, st in schedules.items()])
+                if rows:
+                    cur.executemany(sql, rows)
         if self._cache is not None:
             for record in records:
                 self._cache[record.name] = replace(record, updated_at=now)
+
+    def _write_one(self, record: Record, now: float, updates: str) -> None:
+        """One record (an outcome, saved per request): the fence check and the upsert in one
+        statement, its own transaction, so one round trip instead of four (BEGIN, check,
+        write, COMMIT): the cold sync ratio on PostgreSQL (docs/performance.md)."""
+        if not self._writer:
+            raise StoreError(f"{self.path}: opened read-only")
+        assert self._fence is not None
+        epoch = self._fence.epoch
+        if epoch is None:
+            raise NotLeader(f"{self.path}: not the leader; nothing written")
+        values = (*(asdict(record) | {"phase": str(record.phase), "updated_at": now}).values(),
+                  epoch)
+        # FOR SHARE as in _transaction: a takeover waits for this statement's commit.
+        sql = (f"WITH fence AS (SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s "
+               f"AND expires_at > clock_timestamp() FOR SHARE) "
+               f"INSERT INTO jobs ({', '.join(_COLUMNS)}, epoch) "
+               f"SELECT {', '.join(['%s'] * (len(_COLUMNS) + 1))} FROM fence "
+               f"ON CONFLICT (name) DO UPDATE SET {updates}")
+        with self._translated():
+            self._reconnect_if_broken()
+            written = self._db.execute(sql, (epoch, *values)).rowcount
+        if written != 1:
+            self._cache = None
+            raise NotLeader(f"{self.path}: lease epoch {epoch} is no longer ours; nothing written")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[tuple[psycopg.Cursor[Any], int]]:
