@@ -251,6 +251,11 @@ def test_sighup_reloads_the_config(tmp_path: Path, dev: DevProcess,
     daemon.signal(signal.SIGHUP)
     [reloaded] = daemon.wait_event("config.reloaded")
     assert reloaded["changed"] == ["mass_cancel_min", "resync_interval"]
+    # What the open backend was built with is not half-applied: it needs a restart
+    config.write_text('mass_cancel_min = 7\nresync_interval = 30.0\nnamespace = "other"\n')
+    daemon.signal(signal.SIGHUP)
+    second = daemon.wait_event("config.reloaded", count=2)[1]
+    assert (second["changed"], second["needs_restart"]) == ([], ["namespace"])
     config.write_text("mass_cancel_min = 'many'\n")
     daemon.signal(signal.SIGHUP)
     [failed] = daemon.wait_event("config.reload_failed")

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -400,3 +401,24 @@ def test_a_standby_probe_decides_nothing(tmp_path: Path) -> None:
         acting[0] = True
         assert probe(service, probe_body()).status == 200
         assert len(store.approvals()) == 1
+
+
+def test_the_fence_keeps_the_backends_capabilities() -> None:
+    """The executor decides by a backend's optional capabilities (an update in place, a
+    manifest refused before anything is cancelled); the lease's wrapper must not hide them
+    (found in review after the merge of issues 14 and 15)."""
+    from reconciler.ports import Refusing, UpdatesInPlace
+
+    class Capable:
+        updates_in_place = True
+
+        def refusal(self, manifest: Manifest) -> str | None:
+            return f"{manifest.path}: job: needs the orchestrator API"
+
+    fenced = FencedBackend(cast(Any, Capable()), lambda: False)
+    assert isinstance(fenced, UpdatesInPlace) and fenced.updates_in_place
+    assert isinstance(fenced, Refusing)
+    some = Manifest("a", b"{}", "h" * 64, "a.yaml")
+    assert fenced.refusal(some) == "a.yaml: job: needs the orchestrator API"
+    plain = FencedBackend(cast(Any, object()), lambda: True)
+    assert not plain.updates_in_place and plain.refusal(some) is None

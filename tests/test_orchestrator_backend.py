@@ -412,3 +412,23 @@ def test_user_and_password_are_basic_auth(tmp_path: Path, dev: Any) -> None:
                                          "BACALHAU_API_PASSWORD": "s3cretpw",
                                          "BACALHAU_API_KEY": KEY})
     assert "give one" in result.output and KEY not in result.output
+
+
+def test_an_unreachable_server_without_a_key_does_not_stop_the_backend_opening() -> None:
+    """api = auto, the server not up yet and no signing key: legacy cannot be opened, so the
+    backend opens in name mode rather than failing the daemon's start (the resync asks the
+    server again); found in review."""
+    import asyncio
+
+    from reconciler.app import wiring
+    from reconciler.backends.orchestrator import OrchestratorBackend
+    from reconciler.settings import Settings
+
+    settings = Settings(endpoint="http://127.0.0.1:9", api="auto", request_timeout=0.5)
+
+    async def opened() -> str:
+        async with wiring.backend(settings, None) as backend:
+            assert isinstance(backend, OrchestratorBackend)
+            return backend.mode
+
+    assert asyncio.run(opened()) == "name"

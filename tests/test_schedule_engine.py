@@ -342,3 +342,37 @@ def test_plan_shows_the_next_run_of_a_scheduled_manifest(tmp_path: Path) -> None
     shown = CliRunner().invoke(main, [*args, "--json"])
     (decision,) = json.loads(shown.output)["decisions"]
     assert decision["action"] == "noop" and decision["next_run"].endswith("+00:00")
+
+
+class InPlaceJobs(Jobs):
+    """A backend that changes a job in place (the orchestrator by name): a submit of a name
+    that has a live job updates that job."""
+
+    updates_in_place = True
+
+    async def submit(self, manifest: Manifest, uid: str) -> JobInfo:
+        for old, job in list(self.by_uid.items()):
+            if self.names[old] == manifest.name and job.phase is JobPhase.RUNNING:
+                del self.by_uid[old]
+                updated = JobInfo(job.job_id, JobPhase.RUNNING, "Running", uid=uid)
+                self.by_uid[uid], self.names[uid] = updated, manifest.name
+                self.specs[uid] = manifest.spec_hash
+                return updated
+        return await super().submit(manifest, uid)
+
+
+def test_a_replace_done_in_place_records_its_slot_with_the_run(world: World) -> None:
+    """concurrency: replace on a backend that updates in place fires the slot as one submit,
+    no cancel: the slot's state must commit with that intent, or the next pass fires the same
+    slot again under the same uid (found in review after the merge of issues 14 and 16)."""
+    world.jobs = InPlaceJobs()
+    world.manifests["nightly"] = manifest(concurrency="replace")
+    world.tick(at("10:02"))
+    world.tick(at("10:05"))
+    the_plan, report = world.tick(at("10:10"))
+    assert the_plan.by_action(Action.REPLACE) and report.counts["schedule.fired"] == 1
+    assert world.jobs.stopped == []  # updated in place, not cancelled
+    again, report = world.tick(at("10:10") + 1)
+    assert not again.changes and report.counts["schedule.fired"] == 0
+    assert world.store.schedules()["nightly"].last_slot == slot("10:10")
+    assert world.store.runs("nightly")[0].uid == run_uid("nightly", slot("10:10"))

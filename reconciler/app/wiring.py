@@ -222,6 +222,12 @@ async def backend(
     """The backend that runs jobs, open for the duration of the ``async with``: the legacy
     API (signed) or the orchestrator API, as :func:`choose_api` says (or ``choice``)."""
     choice = choice or await choose_api(settings)
+    if choice.mode == "legacy" and signer is None and choice.detail and settings.api == "auto":
+        # The server could not be asked (not up yet) and legacy needs a key we do not have:
+        # today's API is the likelier one. The daemon asks again at each resync and reopens
+        # its backend when the answer differs, instead of failing to start.
+        choice = ApiChoice("name", "", choice.detail.replace(
+            "legacy assumed", "no signing key for legacy: name mode assumed"))
     if choice.mode != "legacy":
         async with OrchestratorClient(settings.endpoint, namespace=settings.namespace,
                                       credentials=credentials(settings),

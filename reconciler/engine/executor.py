@@ -179,7 +179,7 @@ class Executor:
             # A slot's state commits with its run's intent: once recorded, the slot is never
             # decided again, and the intent's uid (the slot's) finds the run after a crash.
             fired = [(d, i) for d, i in zip(batch, intents, strict=True)
-                     if d.action is Action.SUBMIT and _fires(d)]
+                     if self._fires_now(d)]
             self._commit_runs(intents, fired, report)
             for decision, intent in zip(batch, intents, strict=True):
                 self._spawn(run, self._bounded(decision, intent, report, run), decision.name)
@@ -223,6 +223,13 @@ class Executor:
         self._suspects[name] = self._clock() + SUSPECT_WINDOW
 
     # --- intents ------------------------------------------------------------------------
+
+    def _fires_now(self, decision: Decision) -> bool:
+        """A slot whose run's intent is the one committed now: a submit, or a replace done in
+        place (no cancel first). A cancel-then-submit replace records its slot later, with the
+        new run's intent (_carry_out)."""
+        return _fires(decision) and (decision.action is Action.SUBMIT
+                                     or self._in_place(decision))
 
     def _in_place(self, decision: Decision) -> bool:
         """A replace the backend does as one update of the same job (no cancel first)."""
@@ -403,8 +410,7 @@ class Executor:
         resolves them by uid: none was sent, so each is submitted once, under a fresh uid."""
         # A fired slot's intent stays: its state and run committed with it, so giving it back
         # would lose the slot; the next pass resolves it by uid and submits it once.
-        given_back = [d for d in run.not_started
-                      if not (d.action is Action.SUBMIT and _fires(d))]
+        given_back = [d for d in run.not_started if not self._fires_now(d)]
         if not given_back:
             return
         try:

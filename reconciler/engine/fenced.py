@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from reconciler.backends.errors import Unreachable
 from reconciler.domain.manifest import Manifest
-from reconciler.ports import Backend, JobInfo
+from reconciler.ports import Backend, JobInfo, Refusing, UpdatesInPlace
 
 
 class NotLeading(Unreachable):
@@ -37,6 +37,16 @@ class FencedBackend:
     @property
     def identity(self) -> str:
         return self._inner.identity
+
+    # The optional capabilities pass through: the executor decides by them (an update in
+    # place, a manifest refused before anything is cancelled), and neither sends a request.
+
+    @property
+    def updates_in_place(self) -> bool:
+        return isinstance(self._inner, UpdatesInPlace) and self._inner.updates_in_place
+
+    def refusal(self, manifest: Manifest) -> str | None:
+        return self._inner.refusal(manifest) if isinstance(self._inner, Refusing) else None
 
     async def submit(self, manifest: Manifest, uid: str) -> JobInfo:
         self._check()

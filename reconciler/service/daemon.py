@@ -58,6 +58,14 @@ from reconciler.settings import Settings, SettingsError
 from reconciler.sources.errors import FetchError
 from reconciler.store.errors import NotLeader, StoreError
 
+#: Settings the open backend, store, lease or listeners were built with: a reload reports
+#: them as needing a restart instead of half-applying them (a new namespace or instance label
+#: under an open backend would make every managed job look foreign after its next reopen).
+_RESTART_ONLY = frozenset({
+    "endpoint", "api_prefix", "key", "state", "watch", "metrics_listen", "manifests", "lease",
+    "instance", "work_dir", "api", "namespace", "instance_label", "api_key", "api_username",
+    "api_password", "request_timeout", "concurrency",
+})
 _RETRY_AFTER_FAILED_PASS = 2.0
 _SETTLE_AFTER_CHANGES = 1.0
 
@@ -412,9 +420,7 @@ class Daemon:
             return
         changed = sorted(k for k in Settings.model_fields
                          if getattr(fresh, k) != getattr(self.settings, k))
-        restart_needed = [k for k in changed if k in ("endpoint", "api_prefix", "key", "state",
-                                                      "watch", "metrics_listen", "manifests",
-                                                      "lease", "instance", "work_dir")]
+        restart_needed = [k for k in changed if k in _RESTART_ONLY]
         applied = [k for k in changed if k not in restart_needed]
         self.settings = self.settings.model_copy(update={k: getattr(fresh, k) for k in applied})
         self._reconciler.policy = self._policy()
