@@ -12,7 +12,7 @@ from reconciler.domain.records import Phase
 from reconciler.store.sqlite import Store
 from tests.conftest import DevProcess
 from tests.daemon_proc import DaemonProcess, daemon_args
-from tests.reliability.common import audit, figures, manifest, seeded, size
+from tests.reliability.common import Audit, audit, figures, manifest, seeded, size
 
 
 @pytest.mark.parametrize("fault", [["--fail-after-store", "0.4"], ["--drop-rate", "0.4"],
@@ -24,21 +24,7 @@ def test_lost_replies(tmp_path: Path, dev_factory: Callable[..., DevProcess], rs
     rng = seeded("lost-replies")
     count = size(30, 300)
     dev = dev_factory(*fault, "--seed", str(rng.randrange(2**31)), "--job-duration", "3600")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    # Not j-...: such names are refused, a job id prefix to Bacalhau v1.8+ (docs/design.md).
-    wanted = {f"r-{i:04d}": f"img:{i}" for i in range(count)}
-    for name, image in wanted.items():
-        (root / f"{name}.yaml").write_text(manifest(name, image))
-    env = {"RECONCILER_REQUEST_TIMEOUT": "0.5", "RECONCILER_BACKOFF_BASE": "0.2"}
-    daemon = DaemonProcess(daemon_args(root, tmp_path / "state.db", dev.url, rsa_key), env)
-    try:
-        daemon.wait_for(lambda: len(dev.jobs()) >= count and daemon.quiet(), 120, "convergence")
-    finally:
-        daemon.stop()
-    result = audit(dev.jobs(), wanted)
-    with Store(tmp_path / "state.db", writer=False) as store:
-        unresolved = [r.name for r in store.records() if r.phase is not Phase.ACTIVE]
+    result, unresolved, daemon = _converge(tmp_path, dev, rsa_key, count)
     stats = dev.stats()
     figures("lost-replies", fault=fault[0], manifests=count, duplicates=result.duplicates,
             lost=result.lost, unresolved_intents=len(unresolved),
@@ -59,20 +45,7 @@ def test_lost_replies_on_the_orchestrator(tmp_path: Path, dev_factory: Callable[
     dev = dev_factory("--fail-after-store", "0.3", "--drop-rate", "0.2", "--seed",
                       str(rng.randrange(2**31)), "--job-duration", "3600",
                       "--bacalhau-version", profile)
-    root = tmp_path / "manifests"
-    root.mkdir()
-    wanted = {f"r-{i:04d}": f"img:{i}" for i in range(count)}
-    for name, image in wanted.items():
-        (root / f"{name}.yaml").write_text(manifest(name, image))
-    env = {"RECONCILER_REQUEST_TIMEOUT": "0.5", "RECONCILER_BACKOFF_BASE": "0.2"}
-    daemon = DaemonProcess(daemon_args(root, tmp_path / "state.db", dev.url, rsa_key), env)
-    try:
-        daemon.wait_for(lambda: len(dev.jobs()) >= count and daemon.quiet(), 120, "convergence")
-    finally:
-        daemon.stop()
-    result = audit(dev.jobs(), wanted)
-    with Store(tmp_path / "state.db", writer=False) as store:
-        unresolved = [r.name for r in store.records() if r.phase is not Phase.ACTIVE]
+    result, unresolved, daemon = _converge(tmp_path, dev, rsa_key, count)
     figures(f"lost-replies-{profile}", manifests=count, duplicates=result.duplicates,
             lost=result.lost, unresolved_intents=len(unresolved),
             requester_jobs=len(dev.jobs()), adopted=len(daemon.named("job.adopted")))
@@ -82,3 +55,24 @@ def test_lost_replies_on_the_orchestrator(tmp_path: Path, dev_factory: Callable[
         assert {job["Version"] for job in dev.jobs()} == {1}
     assert unresolved == []
     assert daemon.named("job.submit_unknown")
+
+
+def _converge(tmp_path: Path, dev: DevProcess, rsa_key: Path,
+              count: int) -> tuple[Audit, list[str], DaemonProcess]:
+    """``count`` manifests, a daemon until it converged against the faulty requester: what the
+    requester holds, and the records left unresolved."""
+    root = tmp_path / "manifests"
+    root.mkdir()
+    # Not j-...: such names are refused, a job id prefix to Bacalhau v1.8+ (docs/design.md).
+    wanted = {f"r-{i:04d}": f"img:{i}" for i in range(count)}
+    for name, image in wanted.items():
+        (root / f"{name}.yaml").write_text(manifest(name, image))
+    env = {"RECONCILER_REQUEST_TIMEOUT": "0.5", "RECONCILER_BACKOFF_BASE": "0.2"}
+    daemon = DaemonProcess(daemon_args(root, tmp_path / "state.db", dev.url, rsa_key), env)
+    try:
+        daemon.wait_for(lambda: len(dev.jobs()) >= count and daemon.quiet(), 120, "convergence")
+    finally:
+        daemon.stop()
+    with Store(tmp_path / "state.db", writer=False) as store:
+        unresolved = [r.name for r in store.records() if r.phase is not Phase.ACTIVE]
+    return audit(dev.jobs(), wanted), unresolved, daemon
