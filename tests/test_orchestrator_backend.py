@@ -154,6 +154,33 @@ def test_name_mode_one_job_per_manifest_updated_in_place(tmp_path: Path, dev: An
     assert again["State"]["StateType"] in ("Pending", "Running")
 
 
+def test_an_update_that_creates_a_second_job_stops_the_first(tmp_path: Path, dev: Any) -> None:
+    """A job made before v1.8 (here: the dev requester's name index forgets it, as after an
+    upgrade from label mode) is not found by name, so the update in place creates a job of the
+    same name: the old one must be stopped, or both run (docs/wire-orchestrator.md 4.4)."""
+    server = dev("1.9")
+    folder = Folder(tmp_path, server.url)
+    folder.write("a.yaml", envelope("alpha"))
+    folder.apply("--api", "orchestrator")
+    [old] = by_name(server)["alpha"]
+    orchestrator = server.thread.app.orchestrator
+    assert orchestrator is not None
+    orchestrator.store._index.clear()  # what a pre-v1.8 job looks like to the server
+
+    folder.write("a.yaml", envelope("alpha", image="ubuntu:24.04"))
+    result = folder.apply()
+    jobs = {job["ID"]: job for job in by_name(server)["alpha"]}
+    assert len(jobs) == 2 and old["ID"] in jobs
+    assert jobs.pop(old["ID"])["State"]["StateType"] == "Stopped"
+    [(new_id, new)] = jobs.items()
+    assert new["State"]["StateType"] in ("Pending", "Running")
+    assert "superseded by job " + new_id in result.output
+    status = CliRunner().invoke(main, ["status", "--json", "--manifests", str(folder.root),
+                                       "--state", str(folder.state), "--endpoint", server.url])
+    [row] = json.loads(status.stdout)["jobs"]
+    assert row["job_id"] == new_id
+
+
 def test_label_mode_on_1_6_stops_then_submits(tmp_path: Path, dev: Any) -> None:
     server = dev("1.6")
     folder = Folder(tmp_path, server.url)

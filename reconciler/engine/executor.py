@@ -385,6 +385,32 @@ class Executor:
                                   job_state=job.state, last_error=None)])
         self._log.info("job.submitted", **fields | {"job_id": job.job_id})
         report.count("submit.ok")
+        if kept is not None and kept.job_id and job.job_id != kept.job_id:
+            await self._stop_superseded(kept, job.job_id, report)
+
+    async def _stop_superseded(self, kept: Record, new_id: str, report: ApplyReport) -> None:
+        """An update in place that created a job instead: the server's name index did not
+        know the old one (a job made before Bacalhau v1.8, docs/wire-orchestrator.md 4.4, e.g.
+        by this daemon in label mode before an upgrade). Left alone, both would run."""
+        assert kept.job_id is not None
+        reason = (f"superseded by job {new_id}: the update by name created a new job (the "
+                  "server's name index does not know this one)")
+        fields = self._fields(kept, reason=reason)
+        try:
+            state = await self._backend.stop(kept.job_id, reason)
+        except (AlreadyTerminal, NotFound) as exc:
+            self._log.info("job.cancel_skipped", **fields, detail=str(exc))
+            report.count("cancel.skipped")
+            return
+        except RequesterError as exc:
+            # The record follows the new job now; the old one can only be reported.
+            self._log.error("action.failed", **fields, action="cancel", error=str(exc),
+                            retry_at=None)
+            report.count("cancel.failed")
+            report.errors.append(f"{kept.name}: cancel of superseded job {kept.job_id}: {exc}")
+            return
+        self._log.info("job.cancelled", **fields, job_state=state)
+        report.count("cancel.ok")
 
     async def _cancel(self, record: Record, reason: str, report: ApplyReport) -> bool:
         """Cancel a recorded job; True once the job is surely not running any more."""
