@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+from reconciler.domain.jobspec import LONG_RUNNING_TYPES
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.records import Approval, Record, Run, StoredPolicy
 from reconciler.domain.schedule import ScheduleState
@@ -81,6 +82,15 @@ class JobInfo:
     created_at: str = ""  # sortable; the oldest of several jobs of one uid is kept
     uid: str = ""  # the uid of the intent it was submitted under, when the backend reports it
     spec_hash: str = ""  # a prefix of the spec hash it was submitted with, when reported
+    #: ``batch``, ``ops``, ``service`` or ``daemon`` when the backend reports it ("" for the
+    #: legacy API, whose jobs are never long-running): observe tells drift by it.
+    job_type: str = ""
+
+    @property
+    def long_running(self) -> bool:
+        """A service or daemon job: it never completes and is kept running, so any end of it
+        is drift (docs/design.md, "Long-running jobs")."""
+        return self.job_type in LONG_RUNNING_TYPES
 
 
 class Backend(Protocol):

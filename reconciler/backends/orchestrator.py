@@ -382,7 +382,7 @@ def job_info(job: Mapping[str, Any]) -> JobInfo:
         _text(job, "ID"), JOB_PHASES.get(state, JobPhase.UNKNOWN), state,
         f"{created:020d}" if isinstance(created, int) else "",
         uid=str(_labels(job).get(UID_LABEL) or ""),
-        spec_hash=_text(job, "Meta", SPEC_META))
+        spec_hash=_text(job, "Meta", SPEC_META), job_type=_text(job, "Type").lower())
 
 
 class OrchestratorBackend:

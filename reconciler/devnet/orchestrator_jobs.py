@@ -8,7 +8,9 @@ updates that job, an identical one is refused).
 States move lazily, from the clock, when a job is read (as in :mod:`reconciler.devnet.jobs`):
 Pending, then Running; batch and ops jobs end ``job_duration`` seconds after their version
 started (Completed, or Failed with ``Meta["devnet/fail"]``; ``Meta["devnet/duration"]`` sets
-one job's duration); service and daemon jobs never complete.
+one job's duration); service and daemon jobs never complete, but with ``Meta["devnet/fail"]``
+they fail after that duration (as a real server marks a service Failed once its retries are
+used up), so tests can watch a long-running job drift (docs/design.md, "Long-running jobs").
 """
 
 from __future__ import annotations
@@ -680,9 +682,10 @@ class OrchJob:
         if self.state == "Pending":
             self.set_state("Running", "")
             changed = True
-        if self.type in ("batch", "ops") and now - self.started >= self.duration(
-                default_duration):
-            if self.spec["Meta"].get("devnet/fail"):
+        fails = bool(self.spec["Meta"].get("devnet/fail"))
+        ends = self.type in ("batch", "ops") or fails  # a service or daemon only by failing
+        if ends and now - self.started >= self.duration(default_duration):
+            if fails:
                 self.end_executions(EXEC_FAILED, DESIRED_STOPPED, "failed by devnet/fail")
                 self.set_state("Failed", "failed by devnet/fail")
             else:

@@ -16,6 +16,9 @@ The rules (``docs/design.md`` has the table):
   anything is resubmitted; the decision names what follows a confirmed absence (``if_absent``:
   submit again, under a fresh uid, while the manifest is there; forget it once it is gone);
 * a failed job is resubmitted only when its policy says so, with backoff and a cap;
+* a service or daemon job (``Manifest.long_running``) is kept running: any end of its job
+  (failed, completed, stopped by someone else, lost) is drift, resubmitted under the same
+  policy, backoff and cap; batch and ops jobs keep the rules above;
 * a scheduled manifest runs at its slots only (``domain/schedule.py``): ``decide`` says, with
   a reason, whether the slot due at ``schedule_now`` fires (a submit under the slot's uid, or a
   replace under ``concurrency: replace``), is skipped or missed (``skip``: only its state is
@@ -87,6 +90,10 @@ class PlanPolicy:
     backoff_max: float = 600.0
     #: The daemon spaces retries out; a one-shot ``apply`` (and its previews) tries now.
     honour_backoff: bool = True
+    #: Seconds a service or daemon job must have run (unchanged since last recorded) before
+    #: its end resets its retry count (engine/observe.py; Kubernetes resets a crash loop's
+    #: backoff after 10 minutes of running).
+    stable_after: float = 600.0
 
     def backoff(self, attempts: int) -> float:
         return float(min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1)))
@@ -392,6 +399,8 @@ def _decide_finished_same(
     manifest: Manifest, record: Record, policy: PlanPolicy, now: float, decision: _Make
 ) -> Decision:
     phase = record.phase
+    if phase is not Phase.ERROR and manifest.long_running:
+        return _decide_drifted(manifest, record, policy, now, decision)
     if phase is Phase.COMPLETED:
         return decision(Action.NOOP, "unchanged; job completed")
     if phase is Phase.CANCELLED:
@@ -405,6 +414,36 @@ def _decide_finished_same(
         return decision(Action.NOOP, f"job {phase}; maxRetries={manifest.policy.max_retries} "
                         "used up")
     return _retry(decision, record, now, Action.RESUBMIT, f"job {phase}; onFailure=resubmit",
+                  policy)
+
+
+#: How a long-running job's recorded end reads in a reason.
+_ENDED = {
+    Phase.COMPLETED: "completed",
+    Phase.FAILED: "failed",
+    Phase.CANCELLED: "cancelled (stopped outside the reconciler)",
+    Phase.LOST: "lost (the requester no longer knows it)",
+}
+
+
+def _decide_drifted(
+    manifest: Manifest, record: Record, policy: PlanPolicy, now: float, decision: _Make
+) -> Decision:
+    """A service or daemon job is kept running, as a Kubernetes Deployment keeps its pods:
+    whatever ended it (a failure, someone's stop, a completion, a requester that lost it) is
+    drift. ``onFailure: resubmit`` brings it back under the same backoff and ``maxRetries`` as
+    a failed batch job; ``none`` leaves it ended and says so (docs/design.md, "Long-running
+    jobs")."""
+    kind = manifest.job_type
+    drift = (f"drift: {kind} job {record.job_id or '-'} {_ENDED[record.phase]}; "
+             f"a {kind} job is kept running")
+    if manifest.policy.on_failure != "resubmit":
+        return decision(Action.NOOP, f"{drift}, but onFailure=none: the {kind} is not running "
+                        "(onFailure: resubmit would bring it back)")
+    if record.attempts > manifest.policy.max_retries:
+        return decision(Action.NOOP, f"{drift}, but maxRetries={manifest.policy.max_retries} "
+                        f"is used up: the {kind} is not running")
+    return _retry(decision, record, now, Action.RESUBMIT, f"{drift}; onFailure=resubmit",
                   policy)
 
 

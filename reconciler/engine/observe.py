@@ -7,6 +7,10 @@ replaced or ended job the requester keeps; 10,000 manifests after 10,000 changes
 id, because an empty or short answer is not proof of absence (docs/wire-legacy.md, List); only
 an explicit "not found" marks it ``lost``. The planner then decides what follows (resubmit or
 not, by the manifest's policy).
+
+A service or daemon job (``JobInfo.long_running``) is kept running, so any end of it is drift:
+``job.drift`` whatever the end, with its job type, and a backoff before the planner may bring
+it back (docs/design.md, "Long-running jobs").
 """
 
 from __future__ import annotations
@@ -56,7 +60,12 @@ async def observe(
             continue
         updated = _updated(record, job, policy, clock())
         updates.append(updated)
-        if updated.phase is not record.phase:
+        if updated.phase is not record.phase and job is not None and job.long_running:
+            counts["job.drift"] += 1
+            log.warning("job.drift", name=record.name, job_id=record.job_id, path=record.path,
+                        job_state=state, job_type=job.job_type,
+                        reason=_drift_reason(job, record, updated))
+        elif updated.phase is not record.phase:
             event = _EVENTS.get(updated.phase, "job.lost")
             counts[event] += 1
             log.log(30 if updated.phase is not Phase.COMPLETED else 20, event,
@@ -69,9 +78,25 @@ async def observe(
 def _updated(record: Record, job: JobInfo | None, policy: PlanPolicy, now: float) -> Record:
     """``job`` None: the backend said it does not know the job."""
     phase = Phase.LOST if job is None else RECORD_PHASES[job.phase]
-    retry_at = now + policy.backoff(record.attempts) if phase in (Phase.FAILED, Phase.LOST) else 0
+    drifted = job is not None and job.long_running and phase is not Phase.ACTIVE
+    attempts = record.attempts
+    if drifted and record.updated_at and now - record.updated_at >= policy.stable_after:
+        # It ran (unchanged since it was last recorded) for a good while before it ended:
+        # a service failing once a week starts its retries afresh, as Kubernetes resets a
+        # crash loop's backoff after 10 minutes of running; one failing at once runs out.
+        attempts = min(attempts, 1)
+    retry = drifted or phase in (Phase.FAILED, Phase.LOST)
     return replace(record, phase=phase, job_state=job.state if job else None,
-                   next_attempt_at=retry_at)
+                   attempts=attempts, next_attempt_at=now + policy.backoff(attempts) if retry
+                   else 0)
+
+
+def _drift_reason(job: JobInfo, record: Record, updated: Record) -> str:
+    fresh = ("; it had run long enough for its retry count to start afresh"
+             if updated.attempts < record.attempts else "")
+    return (f"{job.job_type} job ended ({job.state or job.phase}): drift, a {job.job_type} job "
+            "is kept running; the manifest's onFailure policy decides whether it is brought "
+            f"back{fresh}")
 
 
 def _reason(phase: Phase) -> str:
