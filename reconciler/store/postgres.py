@@ -121,6 +121,11 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (name, slot)
     );
     """,
+    # A job's version and state message (issue 14): as store/sqlite.py's version 5.
+    5: """
+    ALTER TABLE jobs ADD COLUMN job_version BIGINT;
+    ALTER TABLE jobs ADD COLUMN job_message TEXT;
+    """,
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION, "both engines carry the same schema versions"
 
