@@ -214,8 +214,12 @@ class PostgresStore:
         self._cache: dict[str, Record] | None = None
         self._cache_epoch: int | None = None
         self._db = connect(url)
-        with self._translated():
-            self._prepare()
+        try:
+            with self._translated():
+                self._prepare()
+        except BaseException:  # refused (too new, needs an upgrade): no connection left open
+            self._db.close()
+            raise
 
     # --- opening ------------------------------------------------------------------------
 
