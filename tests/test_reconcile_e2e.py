@@ -8,6 +8,7 @@ user, secrets in every output).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -16,7 +17,9 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import DevProcess
@@ -163,7 +166,8 @@ def test_add_change_remove_on_every_profile(
     tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path, profile: str
 ) -> None:
     """Issue 14: the same folder history against Bacalhau 1.0 (legacy), 1.6 (orchestrator, by
-    label) and 1.9 (by name) under --api auto: 0 duplicates, 0 lost, removals stopped."""
+    label) and 1.9 (by name) under --api auto: 0 duplicates, 0 lost, removals stopped; and
+    `status` shows each job's version and state message as the next poll recorded them."""
     from tests.reliability.common import audit
 
     dev = dev_factory("--job-duration", "600", "--bacalhau-version", profile)
@@ -172,6 +176,7 @@ def test_add_change_remove_on_every_profile(
     for name, image in wanted.items():
         h.write(f"{name}.yaml", envelope(name, image=image))
     h.apply("--api", "auto")
+    first = h.records()["a"].job_id
     wanted["a"] = "img:4"
     h.write("a.yaml", envelope("a", image="img:4"))
     (h.root / "c.yaml").unlink()
@@ -180,3 +185,28 @@ def test_add_change_remove_on_every_profile(
     result = audit(dev.jobs(), wanted)
     assert result.clean, result.problems
     assert set(h.records()) == {"a", "b"}
+
+    def status() -> dict[str, dict[str, Any]]:
+        shown = h.cli("status", "--json")
+        assert shown.returncode == 0, shown.stderr
+        return {row["name"]: row for row in json.loads(shown.stdout)["jobs"]}
+
+    h.apply()  # polls first (observe), then finds nothing to do
+    a = status()["a"]
+    # 1.9 updated the job in place (same id, version 2); 1.6 stopped it and made a new job
+    # (version 1); the legacy API has no job version.
+    assert (a["job_id"] == first, a["job_version"]) == {
+        "1.0": (False, None), "1.6": (False, 1), "1.9": (True, 2)}[profile]
+    assert a["job_state"] in ({"New"} if profile == "1.0" else {"Pending", "Running"})
+    if profile == "1.0":
+        return
+    # Someone stops b by hand with a reason (the JSON body: docs/wire-orchestrator.md 3.4).
+    url = f"{dev.url}/api/v1/orchestrator/jobs/{h.records()['b'].job_id}"
+    stopped = httpx.request("DELETE", url, json={"reason": "stopped by hand: maintenance"},
+                            timeout=10)
+    assert stopped.status_code == 200, stopped.text
+    h.apply()
+    b = status()["b"]
+    assert (b["job_state"], b["job_message"]) == ("Stopped", "stopped by hand: maintenance")
+    table = h.cli("status").stdout
+    assert "Stopped v1" in table and "stopped by hand: maintenance" in table
