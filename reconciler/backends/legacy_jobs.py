@@ -96,7 +96,7 @@ def job_info(job: WireJob) -> JobInfo:
     # No job version on this API (JobState.Version counts state changes, not specs).
     return JobInfo(job.job_id, phase_of(job.state), job.state, job.created_at,
                    uid=_tag_value(job, UID_TAG), spec_hash=_tag_value(job, SPEC_TAG),
-                   message=clean(job.message, MESSAGE_LIMIT))
+                   message=clean(job.message, MESSAGE_LIMIT) if job.message else "")
 
 
 class LegacyBackend:

@@ -388,9 +388,14 @@ def job_info(job: Mapping[str, Any]) -> JobInfo:
         f"{created:020d}" if isinstance(created, int) else "",
         uid=str(_labels(job).get(UID_LABEL) or ""),
         spec_hash=_text(job, "Meta", SPEC_META), version=_version(job),
-        # Server text (a stop reason is anyone's): bounded and scrubbed before it is stored
-        # or shown, as error messages are (docs/design.md, "Wire contract").
-        message=clean(_text(job, "State", "Message"), MESSAGE_LIMIT))
+        message=_state_message(job))
+
+
+def _state_message(job: Mapping[str, Any]) -> str:
+    """``State.Message``: server text (a stop reason is anyone's), bounded and scrubbed before
+    it is stored or shown, as error messages are (docs/design.md, "Wire contract")."""
+    message = _text(job, "State", "Message")
+    return clean(message, MESSAGE_LIMIT) if message else ""
 
 
 class OrchestratorBackend:
