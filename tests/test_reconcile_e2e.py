@@ -185,6 +185,8 @@ def test_add_change_remove_on_every_profile(
     result = audit(dev.jobs(), wanted)
     assert result.clean, result.problems
     assert set(h.records()) == {"a", "b"}
+    # The update's PUT reply has no version; name mode knows it from the lookup before it.
+    assert h.records()["a"].job_version == (2 if profile == "1.9" else None)
 
     def status() -> dict[str, dict[str, Any]]:
         shown = h.cli("status", "--json")
