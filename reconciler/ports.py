@@ -72,6 +72,11 @@ class JobPhase(StrEnum):
     UNKNOWN = "unknown"
 
 
+#: The longest job message a backend reports (``JobInfo.message``): a reason, not a log; it is
+#: stored with every record and shown by ``status``.
+MESSAGE_LIMIT = 500
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """One job as a backend reports it."""
@@ -82,6 +87,12 @@ class JobInfo:
     created_at: str = ""  # sortable; the oldest of several jobs of one uid is kept
     uid: str = ""  # the uid of the intent it was submitted under, when the backend reports it
     spec_hash: str = ""  # a prefix of the spec hash it was submitted with, when reported
+    # The job's version (orchestrator `Job.Version`, raised by each update in place on v1.8+);
+    # None where a backend has none (the legacy API) or has not seen it yet.
+    version: int | None = None
+    # Why it is in its state (orchestrator `State.Message`: a failure or stop reason), server
+    # text bounded and scrubbed by the backend (events.clean); "" when there is none.
+    message: str = ""
     #: ``batch``, ``ops``, ``service`` or ``daemon`` when the backend reports it ("" for the
     #: legacy API, whose jobs are never long-running): observe tells drift by it.
     job_type: str = ""

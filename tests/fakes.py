@@ -53,6 +53,8 @@ class FakeStore:
         self.schedule_states: dict[str, ScheduleState] = {}
         self.stored_runs: list[Run] = []
         self.intent_commits = 0
+        #: Rows written by ``save`` (outcomes): a poll that finds nothing new writes none.
+        self.rows_saved = 0
 
     def as_store(self) -> StateStore:
         """This fake as the engine's store protocol (mypy checks that it is one)."""
@@ -105,6 +107,7 @@ class FakeStore:
             self.stored_runs = [r for r in self.stored_runs if r.name != name]
 
     def save(self, records: Sequence[Record]) -> None:
+        self.rows_saved += len(records)
         for record in records:
             self.rows[record.name] = record
 
@@ -160,6 +163,7 @@ class FakeJob:
     job_id: str
     spec: dict[str, Any]
     state: str = "New"
+    message: str = ""  # an execution's Status, as the legacy list carries it
 
     @property
     def annotations(self) -> tuple[str, ...]:
@@ -255,7 +259,8 @@ class FakeRequester:
     # --- what a test inspects or changes -------------------------------------------------
 
     def _info(self, job: FakeJob) -> WireJob:
-        return WireJob(job.job_id, job.state, self.client, job.annotations)
+        return WireJob(job.job_id, job.state, self.client, job.annotations,
+                       message=job.message)
 
     def named(self, name: str) -> list[FakeJob]:
         """Jobs of one manifest name, oldest first (by our manifest annotation)."""
@@ -265,10 +270,11 @@ class FakeRequester:
     def states(self, name: str) -> list[str]:
         return sorted(job.state for job in self.named(name))
 
-    def finish(self, job_id: str, state: str) -> None:
-        """The job ends on the network (Completed, Error) or is cancelled by someone else."""
+    def finish(self, job_id: str, state: str, message: str = "") -> None:
+        """The job ends on the network (Completed, Error) or is cancelled by someone else;
+        ``message``: what its execution's Status says."""
         assert state in TERMINAL
-        self.jobs[job_id] = replace(self.jobs[job_id], state=state)
+        self.jobs[job_id] = replace(self.jobs[job_id], state=state, message=message)
 
     def forget_everything(self) -> None:
         """A requester restarted with its default in-memory store."""

@@ -295,3 +295,15 @@ def test_a_replace_shows_its_changed_fields_but_no_secret(
         assert "abc-old" not in result.output and "xyz-new" not in result.output
     for path in folder.parent.glob("state.db*"):
         assert b"abc-old" not in path.read_bytes() and b"xyz-new" not in path.read_bytes()
+
+
+def test_status_table_shows_version_with_the_state_and_a_one_line_short_message() -> None:
+    from reconciler.app.cli import MESSAGE_WIDTH, _job_state, _short
+
+    assert _job_state({"job_state": "Running", "job_version": 2}) == "Running v2"
+    assert _job_state({"job_state": "New", "job_version": None}) == "New"
+    assert _job_state({"job_state": None, "job_version": None}) == "-"
+    shown = _short("exit code 1:\n  " + "x" * 200)
+    assert "\n" not in shown and len(shown) == MESSAGE_WIDTH and shown.endswith("…")
+    assert shown.startswith("exit code 1: xxx")
+    assert _short("stopped by hand") == "stopped by hand"

@@ -91,7 +91,7 @@ def test_intents_outcomes_and_forgetting(any_store: Any) -> None:
 def test_records_round_trip_every_field(any_store: Any) -> None:
     record = _record("x", Phase.ERROR, job_id="j-9", job_state="Error", attempts=3,
                      last_error="boom", next_attempt_at=12345.5, on_remove="orphan",
-                     revision="abc123")
+                     revision="abc123", job_version=2, job_message="stopped: maintenance")
     any_store.commit_intents([record])
     (got,) = any_store.records()
     assert {k: v for k, v in got.__dict__.items() if k != "updated_at"} == \
@@ -173,6 +173,36 @@ def test_approvals_counted_and_pruned(any_store: Any) -> None:
 
 
 # --- PostgreSQL specifics ------------------------------------------------------------------
+
+
+@needs_pg
+def test_a_version_4_schema_is_migrated_with_its_records(pg_url: str) -> None:
+    """Schema 5 (issue 14) adds each job's version and state message to a store of schema 4:
+    the rows are kept, the new columns start empty and are written from then on."""
+    import psycopg
+
+    from reconciler.store import postgres
+
+    with psycopg.connect(pg_url, autocommit=True) as db, db.transaction():
+        db.execute(f"CREATE SCHEMA {postgres.SCHEMA}")
+        db.execute(f"SET LOCAL search_path TO {postgres.SCHEMA}")
+        db.execute(postgres._LEASE_TABLE)
+        for step in range(1, 5):
+            db.execute(postgres._MIGRATIONS[step])
+        db.execute("INSERT INTO schema_version VALUES (4)")
+        db.execute("INSERT INTO jobs (name, phase, spec_hash, path, job_id, job_state, "
+                   "updated_at) VALUES ('kept', 'active', 'h', 'kept.yaml', 'j-1', 'Running', 0)")
+    with pytest.raises(StoreError, match="needs a schema upgrade"):
+        PostgresStore(pg_url, writer=False)
+    with PostgresStore(pg_url) as store:
+        [kept] = store.records()
+        assert (kept.name, kept.job_state, kept.job_version, kept.job_message) == (
+            "kept", "Running", None, None)
+        store.save([replace(kept, job_version=2, job_message="stopped: maintenance")])
+    with PostgresStore(pg_url, writer=False) as reader:
+        [kept] = reader.records()
+        assert (kept.job_version, kept.job_message) == (2, "stopped: maintenance")
+        assert reader._query("SELECT version FROM schema_version")[0]["version"] == 5
 
 
 @needs_pg

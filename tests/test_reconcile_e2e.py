@@ -8,6 +8,7 @@ user, secrets in every output).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -17,8 +18,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from click.testing import CliRunner
 
+from reconciler.app.cli import main
 from tests.conftest import DevProcess
 from tests.harness import Harness, envelope
 
@@ -163,7 +167,8 @@ def test_add_change_remove_on_every_profile(
     tmp_path: Path, dev_factory: Callable[..., DevProcess], rsa_key: Path, profile: str
 ) -> None:
     """Issue 14: the same folder history against Bacalhau 1.0 (legacy), 1.6 (orchestrator, by
-    label) and 1.9 (by name) under --api auto: 0 duplicates, 0 lost, removals stopped."""
+    label) and 1.9 (by name) under --api auto: 0 duplicates, 0 lost, removals stopped; and
+    `status` shows each job's version and state message as the next poll recorded them."""
     from tests.reliability.common import audit
 
     dev = dev_factory("--job-duration", "600", "--bacalhau-version", profile)
@@ -172,6 +177,7 @@ def test_add_change_remove_on_every_profile(
     for name, image in wanted.items():
         h.write(f"{name}.yaml", envelope(name, image=image))
     h.apply("--api", "auto")
+    first = h.records()["a"].job_id
     wanted["a"] = "img:4"
     h.write("a.yaml", envelope("a", image="img:4"))
     (h.root / "c.yaml").unlink()
@@ -180,3 +186,30 @@ def test_add_change_remove_on_every_profile(
     result = audit(dev.jobs(), wanted)
     assert result.clean, result.problems
     assert set(h.records()) == {"a", "b"}
+    # The update's PUT reply has no version; name mode knows it from the lookup before it.
+    assert h.records()["a"].job_version == (2 if profile == "1.9" else None)
+    if profile == "1.0":
+        return  # the legacy API has no job version; its messages: tests/test_observe.py
+    # Someone stops b by hand with a reason (the JSON body: docs/wire-orchestrator.md 3.4);
+    # the next apply polls first (observe), then finds nothing to do.
+    url = f"{dev.url}/api/v1/orchestrator/jobs/{h.records()['b'].job_id}"
+    stopped = httpx.request("DELETE", url, json={"reason": "stopped by hand: maintenance"},
+                            timeout=10)
+    assert stopped.status_code == 200, stopped.text
+    h.apply()
+
+    def status(*args: str) -> str:  # in process: an interpreter start costs seconds here
+        shown = CliRunner().invoke(main, ["status", *args, "--manifests", str(h.root),
+                                          "--state", str(h.state), "--endpoint", dev.url])
+        assert shown.exit_code == 0, shown.output
+        return shown.stdout
+
+    rows = {row["name"]: row for row in json.loads(status("--json"))["jobs"]}
+    # 1.9 updated the job in place (same id, version 2); 1.6 stopped it and made a new job.
+    assert (rows["a"]["job_id"] == first, rows["a"]["job_version"]) == {
+        "1.6": (False, 1), "1.9": (True, 2)}[profile]
+    assert rows["a"]["job_state"] in ("Pending", "Running")
+    assert (rows["b"]["job_state"], rows["b"]["job_message"]) == (
+        "Stopped", "stopped by hand: maintenance")
+    table = status()
+    assert "Stopped v1" in table and "stopped by hand: maintenance" in table

@@ -97,6 +97,30 @@ def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
         open_store(blocker / "state.db")
 
 
+def test_version_4_store_gains_job_version_and_message(tmp_path: Path) -> None:
+    """Schema 5 (issue 14): each job's version and state message, empty for older rows."""
+    from reconciler.store.sqlite import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("".join(_MIGRATIONS[step] for step in range(1, 5)) +
+                     "PRAGMA user_version=4;")
+    db.execute("INSERT INTO jobs (name, phase, spec_hash, path, job_id, job_state, updated_at) "
+               "VALUES ('kept', 'active', 'h', 'kept.yaml', 'j-1', 'Running', 0)")
+    db.commit()
+    db.close()
+    with pytest.raises(Exception, match="needs a schema upgrade"):
+        Store(path, writer=False)
+    with open_store(path) as store:
+        [kept] = store.records()
+        assert (kept.job_state, kept.job_version, kept.job_message) == ("Running", None, None)
+        store.save([Record(**{**kept.__dict__, "job_version": 2, "job_message": "stopped"})])
+    with Store(path, writer=False) as reader:
+        [kept] = reader.records()
+        assert (kept.job_version, kept.job_message) == (2, "stopped")
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
     from reconciler.store.sqlite import _MIGRATIONS
 

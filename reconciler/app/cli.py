@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -473,7 +473,8 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
     written = max((r.updated_at for r in records), default=0.0)
     rows = [
         {"name": r.name, "phase": "held" if r.name in holds else str(r.phase),
-         "job_id": r.job_id, "job_state": r.job_state, "spec_hash": r.spec_hash[:12],
+         "job_id": r.job_id, "job_state": r.job_state, "job_version": r.job_version,
+         "job_message": r.job_message, "spec_hash": r.spec_hash[:12],
          "source": r.path, "revision": r.revision,
          "last_error": holds.get(r.name) or r.last_error}
         for r in records
@@ -500,10 +501,11 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
             else "leader: unknown (the lease could not be read)")
     for guard in the_plan.guards:
         out(f"guard {guard.name}: {guard.reason}", fg="red")
-    header = ("NAME", "PHASE", "JOB ID", "JOB STATE", "SPEC", "SOURCE", "LAST ERROR")
-    table = [header] + [
-        (r["name"], r["phase"], r["job_id"] or "-", r["job_state"] or "-", r["spec_hash"],
-         r["source"], r["last_error"] or "")
+    header = ("NAME", "PHASE", "JOB ID", "JOB STATE", "SPEC", "SOURCE", "MESSAGE",
+              "LAST ERROR")
+    table: list[tuple[Any, ...]] = [header] + [
+        (r["name"], r["phase"], r["job_id"] or "-", _job_state(r), r["spec_hash"],
+         r["source"], _short(str(r["job_message"] or "")), r["last_error"] or "")
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
@@ -520,6 +522,23 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         out()
         for line in lines:
             out("  ".join(c.ljust(w) for c, w in zip(line, sizes, strict=True)).rstrip())
+
+
+#: The job message's width in the status table (``--json`` has it whole): the table should
+#: stay readable on a 100-column terminal.
+MESSAGE_WIDTH = 32
+
+
+def _job_state(row: Mapping[str, Any]) -> str:
+    """``Running v2``: the state and, where the backend has one, the job's version."""
+    state = row["job_state"] or "-"
+    return state if row["job_version"] is None else f"{state} v{row['job_version']}"
+
+
+def _short(text: str, width: int = MESSAGE_WIDTH) -> str:
+    """One line of at most ``width`` characters (server text may hold newlines)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _iso_or_none(instant: Any) -> str | None:

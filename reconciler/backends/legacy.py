@@ -98,6 +98,7 @@ class WireJob:
     client_id: str
     annotations: tuple[str, ...]
     created_at: str = ""  # only what the reconciler needs: a list of 10,000 jobs is 45 MB
+    message: str = ""  # the first execution's non-empty Status (docs/wire-legacy.md, Job states)
 
     @classmethod
     def from_wire(cls, item: Any) -> WireJob:
@@ -118,7 +119,19 @@ class WireJob:
             client_id=_text(metadata, "ClientID"),
             annotations=tuple(annotations),
             created_at=_text(metadata, "CreatedAt"),
+            message=_execution_status(_object(item, "State")),
         )
+
+
+def _execution_status(state: Mapping[str, Any]) -> str:
+    """The legacy job state has no message of its own; an execution's ``Status`` says why it
+    failed or was cancelled. Raw server text: the backend bounds and scrubs it."""
+    executions = state.get("Executions")
+    for execution in executions if isinstance(executions, list) else ():
+        status = execution.get("Status") if isinstance(execution, Mapping) else None
+        if isinstance(status, str) and status.strip():
+            return status.strip()
+    return ""
 
 
 def _object(parent: Any, key: str, *, required: bool = False) -> Mapping[str, Any]:

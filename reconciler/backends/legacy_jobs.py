@@ -17,7 +17,8 @@ from reconciler.backends.errors import InvalidRequest, NotFound
 from reconciler.backends.legacy import WireJob
 from reconciler.domain.manifest import LoadError, Manifest
 from reconciler.domain.translate import to_legacy
-from reconciler.ports import JobInfo, JobPhase
+from reconciler.events import clean
+from reconciler.ports import MESSAGE_LIMIT, JobInfo, JobPhase
 
 UID_TAG = "reconciler-uid:"
 NAME_TAG = "reconciler-manifest:"
@@ -92,8 +93,10 @@ def phase_of(state: str) -> JobPhase:
 
 
 def job_info(job: WireJob) -> JobInfo:
+    # No job version on this API (JobState.Version counts state changes, not specs).
     return JobInfo(job.job_id, phase_of(job.state), job.state, job.created_at,
-                   uid=_tag_value(job, UID_TAG), spec_hash=_tag_value(job, SPEC_TAG))
+                   uid=_tag_value(job, UID_TAG), spec_hash=_tag_value(job, SPEC_TAG),
+                   message=clean(job.message, MESSAGE_LIMIT) if job.message else "")
 
 
 class LegacyBackend:

@@ -54,8 +54,8 @@ from reconciler.backends.legacy import RetryPolicy
 from reconciler.domain.jobspec import hygienic
 from reconciler.domain.manifest import LoadError, Manifest
 from reconciler.domain.translate import to_orchestrator
-from reconciler.events import scrub_text
-from reconciler.ports import JobInfo, JobPhase
+from reconciler.events import clean, scrub_text
+from reconciler.ports import MESSAGE_LIMIT, JobInfo, JobPhase
 
 Mode = Literal["legacy", "label", "name"]
 JOBS = "/api/v1/orchestrator/jobs"
@@ -375,6 +375,11 @@ def _labels(job: Mapping[str, Any]) -> Mapping[str, Any]:
     return labels if isinstance(labels, Mapping) else {}
 
 
+def _version(job: Mapping[str, Any] | None) -> int | None:
+    version = job.get("Version") if job is not None else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
 def job_info(job: Mapping[str, Any]) -> JobInfo:
     state = _text(job, "State", "StateType") or "Undefined"
     created = job.get("CreateTime")
@@ -382,7 +387,15 @@ def job_info(job: Mapping[str, Any]) -> JobInfo:
         _text(job, "ID"), JOB_PHASES.get(state, JobPhase.UNKNOWN), state,
         f"{created:020d}" if isinstance(created, int) else "",
         uid=str(_labels(job).get(UID_LABEL) or ""),
-        spec_hash=_text(job, "Meta", SPEC_META), job_type=_text(job, "Type").lower())
+        spec_hash=_text(job, "Meta", SPEC_META), version=_version(job),
+        message=_state_message(job), job_type=_text(job, "Type").lower())
+
+
+def _state_message(job: Mapping[str, Any]) -> str:
+    """``State.Message``: server text (a stop reason is anyone's), bounded and scrubbed before
+    it is stored or shown, as error messages are (docs/design.md, "Wire contract")."""
+    message = _text(job, "State", "Message")
+    return clean(message, MESSAGE_LIMIT) if message else ""
 
 
 class OrchestratorBackend:
@@ -454,10 +467,10 @@ class OrchestratorBackend:
             return JobInfo(await self.client.put_job(job), JobPhase.RUNNING, "Pending", uid=uid)
         free_since = self._free.pop(manifest.name, None)
         for _ in range(3):  # a lost create race (409) is looked up again
-            if free_since is not None and time.monotonic() - free_since < ABSENT_TTL:
-                existing = None  # seen free moments ago: a cold sync sends the PUT alone
-            else:
-                existing = await self._by_name(manifest.name)
+            looked_up = not (free_since is not None
+                             and time.monotonic() - free_since < ABSENT_TTL)
+            # not looked up: seen free moments ago, a cold sync sends the PUT alone
+            existing = await self._by_name(manifest.name) if looked_up else None
             free_since = None
             if existing is not None and not self._ours(existing):
                 raise Conflict(
@@ -472,7 +485,12 @@ class OrchestratorBackend:
             except _NoChanges:
                 assert existing is not None  # only an update can be "no changes"
                 return job_info(existing)
-            return JobInfo(job_id, JobPhase.RUNNING, "Pending", uid=uid)
+            # The reply has no version (wire-orchestrator.md 3.1): a create is version 1, an
+            # update the looked-up version + 1; None (observed later) when the lookup was
+            # skipped or had none.
+            version = _version(existing) if existing is not None else 0 if looked_up else None
+            version = None if version is None else version + 1
+            return JobInfo(job_id, JobPhase.RUNNING, "Pending", uid=uid, version=version)
         raise OutcomeUnknown(f"submit: the name {manifest.name} was taken concurrently again "
                              "and again")
 

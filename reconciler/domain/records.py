@@ -38,6 +38,11 @@ class Record:
     on_remove: str = "cancel"
     revision: str | None = None
     updated_at: float = 0.0
+    # What the backend last said of the job besides its state (schema 5): its version (bumped
+    # by each update in place on Bacalhau v1.8+; None where the backend has none or it was not
+    # seen yet) and its state message (why it failed or was stopped; bounded server text).
+    job_version: int | None = None
+    job_message: str | None = None
 
 
 @dataclass(frozen=True)

@@ -381,8 +381,11 @@ class Executor:
                 return
             self._failed(intent, "submit", exc, report)
             return
+        # A PUT's reply has no version: a backend may know it (looked up + 1) or leave it to
+        # observe (docs/design.md, "The orchestrator backend").
         self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
-                                  job_state=job.state, last_error=None)])
+                                  job_state=job.state, last_error=None,
+                                  job_version=job.version, job_message=job.message or None)])
         self._log.info("job.submitted", **fields | {"job_id": job.job_id})
         report.count("submit.ok")
         if kept is not None and kept.job_id and job.job_id != kept.job_id:
@@ -587,7 +590,8 @@ class Executor:
         adopted = Record(name=manifest.name, phase=RECORD_PHASES[keep.phase], spec_hash=spec_hash,
                          path=manifest.path, job_id=keep.job_id,
                          uid=keep.uid or None, job_state=keep.state,
-                         attempts=1, on_remove=manifest.policy.on_remove)
+                         attempts=1, on_remove=manifest.policy.on_remove,
+                         job_version=keep.version, job_message=keep.message or None)
         self._store.save([adopted])
         self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,
                        reason="no record; found by its name (the store was lost or rolled "
@@ -658,7 +662,8 @@ class Executor:
     async def _adopt(self, record: Record, jobs: list[JobInfo], report: ApplyReport) -> None:
         keep, *extra = sorted(jobs, key=lambda j: (j.created_at, j.job_id))
         adopted = replace(record, phase=RECORD_PHASES[keep.phase], job_id=keep.job_id,
-                          job_state=keep.state, last_error=None)
+                          job_state=keep.state, last_error=None, job_version=keep.version,
+                          job_message=keep.message or None)
         self._store.save([adopted])
         self._log.info("job.adopted", **self._fields(adopted), job_state=keep.state,
                        reason=f"found by uid {record.uid}")

@@ -56,7 +56,10 @@ async def observe(
             except RequesterError:
                 continue  # no answer: keep what we have, ask again next time
         state = job.state if job else None
-        if state == record.job_state:
+        # A new version (an update in place) or message alone is news for `status` too; an
+        # unchanged job writes nothing, so a no-op poll stays one list and no store write.
+        if (state, *_seen(record, job)) == (record.job_state, record.job_version,
+                                             record.job_message):
             continue
         updated = _updated(record, job, policy, clock())
         updates.append(updated)
@@ -64,15 +67,26 @@ async def observe(
             counts["job.drift"] += 1
             log.warning("job.drift", name=record.name, job_id=record.job_id, path=record.path,
                         job_state=state, job_type=job.job_type,
+                        job_message=updated.job_message or "",
                         reason=_drift_reason(job, record, updated))
         elif updated.phase is not record.phase:
             event = _EVENTS.get(updated.phase, "job.lost")
             counts[event] += 1
             log.log(30 if updated.phase is not Phase.COMPLETED else 20, event,
                     name=record.name, job_id=record.job_id, path=record.path,
-                    job_state=state, reason=_reason(updated.phase))
+                    job_state=state, job_message=updated.job_message or "",
+                    reason=_reason(updated.phase))
     store.save(updates)
     return counts
+
+
+def _seen(record: Record, job: JobInfo | None) -> tuple[int | None, str | None]:
+    """The version and message to record: a backend that reports no version (the legacy API,
+    or a job not seen since) leaves the recorded one; an empty message is none."""
+    if job is None:
+        return record.job_version, None
+    version = job.version if job.version is not None else record.job_version
+    return version, job.message or None
 
 
 def _updated(record: Record, job: JobInfo | None, policy: PlanPolicy, now: float) -> Record:
@@ -86,9 +100,10 @@ def _updated(record: Record, job: JobInfo | None, policy: PlanPolicy, now: float
         # crash loop's backoff after 10 minutes of running; one failing at once runs out.
         attempts = min(attempts, 1)
     retry = drifted or phase in (Phase.FAILED, Phase.LOST)
+    version, message = _seen(record, job)
     return replace(record, phase=phase, job_state=job.state if job else None,
                    attempts=attempts, next_attempt_at=now + policy.backoff(attempts) if retry
-                   else 0)
+                   else 0, job_version=version, job_message=message)
 
 
 def _drift_reason(job: JobInfo, record: Record, updated: Record) -> str:

@@ -121,6 +121,11 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (name, slot)
     );
     """,
+    # A job's version and state message (issue 14): as store/sqlite.py's version 5.
+    5: """
+    ALTER TABLE jobs ADD COLUMN job_version BIGINT;
+    ALTER TABLE jobs ADD COLUMN job_message TEXT;
+    """,
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION, "both engines carry the same schema versions"
 
@@ -209,8 +214,12 @@ class PostgresStore:
         self._cache: dict[str, Record] | None = None
         self._cache_epoch: int | None = None
         self._db = connect(url)
-        with self._translated():
-            self._prepare()
+        try:
+            with self._translated():
+                self._prepare()
+        except BaseException:  # refused (too new, needs an upgrade): no connection left open
+            self._db.close()
+            raise
 
     # --- opening ------------------------------------------------------------------------
 

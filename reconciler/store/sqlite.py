@@ -52,7 +52,7 @@ from reconciler.store.errors import StoreCorrupt, StoreError, StoreLocked, Store
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoreCorrupt", "StoreError", "StoreLocked", "StoreTooNew"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Cancels older than this are pruned: the longest ``mass_cancel_window`` allowed.
 CANCEL_HISTORY = 7 * 86400.0
 
@@ -119,6 +119,12 @@ _MIGRATIONS: dict[int, str] = {
         outcome TEXT NOT NULL,
         PRIMARY KEY (name, slot)
     );
+    """,
+    # What `status` shows of a job besides its state (issue 14): its version (orchestrator
+    # v1.8+ updates in place) and its state message (why it failed or was stopped).
+    5: """
+    ALTER TABLE jobs ADD COLUMN job_version INTEGER;
+    ALTER TABLE jobs ADD COLUMN job_message TEXT;
     """,
 }
 
