@@ -27,6 +27,7 @@ from reconciler.domain.manifest import ORCHESTRATOR, Manifest, Policy
 from reconciler.domain.plan import Action, Decision, PlanPolicy, plan
 from reconciler.domain.records import Phase, Record
 from reconciler.engine.observe import observe
+from reconciler.engine.reconcile import PassResult
 from reconciler.ports import JobInfo, JobPhase
 from tests.conftest import DevProcess
 from tests.fakes import FakeStore
@@ -306,3 +307,25 @@ def test_label_mode_brings_a_stopped_service_back_as_a_new_job(
     [new] = set(jobs) - {old["ID"]}
     assert (jobs[old["ID"]], jobs[new]) == ("Stopped", "Running")
     assert h.records()["kept"].job_id == new
+
+
+def test_a_service_that_is_down_makes_the_pass_degraded() -> None:
+    """A service left ended (onFailure none, or backing off) is not what the folder says:
+    the pass and `status` say degraded, where an ended batch job leaves them ready."""
+    def result(job_type: str, phase: Phase, **manifest_policy: Any) -> PassResult:
+        manifest = Manifest("svc", b"{}", HASH, "svc.yaml",
+                            policy=Policy.model_validate(manifest_policy), form=ORCHESTRATOR,
+                            job_type=job_type)
+        record = Record("svc", phase, HASH, "svc.yaml", job_id="j-1", uid="u", attempts=1,
+                        next_attempt_at=2000.0)
+        desired = Desired(True, manifests={"svc": manifest}, file_count=1)
+        return PassResult(desired, plan(desired, [record], PlanPolicy(), now=1000.0))
+
+    down = result("service", Phase.CANCELLED, onFailure="none")
+    assert (down.down, down.overall) == (1, "degraded")
+    assert "1 services down" in down.summary()
+    backing_off = result("daemon", Phase.FAILED, onFailure="resubmit")
+    assert (backing_off.down, backing_off.overall) == (1, "degraded")
+    assert result("service", Phase.ACTIVE).overall == "ready"
+    assert result("batch", Phase.FAILED).overall == "ready"
+    assert result("batch", Phase.CANCELLED).overall == "ready"

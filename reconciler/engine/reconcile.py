@@ -15,7 +15,7 @@ import structlog
 
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import Action, Plan, PlanPolicy, plan
-from reconciler.domain.records import Phase, Record, StoredPolicy
+from reconciler.domain.records import FINISHED_PHASES, Phase, Record, StoredPolicy
 from reconciler.domain.snapshot import Snapshot
 from reconciler.domain.specview import spec_view
 from reconciler.engine.executor import ApplyReport, Executor
@@ -46,13 +46,24 @@ class PassResult:
                    if d.record is not None and d.record.phase is Phase.ERROR)
 
     @property
+    def down(self) -> int:
+        """Service and daemon manifests whose job has ended and is not being brought back
+        this pass (``onFailure: none``, retries used up, or backing off): they are meant to
+        run, so the network is not in line (docs/design.md, "Long-running jobs")."""
+        return sum(1 for d in self.plan.decisions
+                   if d.action in (Action.NOOP, Action.WAIT) and d.manifest is not None
+                   and d.manifest.long_running and d.record is not None
+                   and d.record.phase in FINISHED_PHASES
+                   and d.record.spec_hash == d.manifest.spec_hash)
+
+    @property
     def overall(self) -> str:
-        """``ready``, ``degraded`` (held manifests, failed actions, or jobs waiting to retry
-        one) or ``not ready``."""
+        """``ready``, ``degraded`` (held manifests, failed actions, jobs waiting to retry
+        one, services that are down) or ``not ready``."""
         if not self.plan.ready:
             return "not ready"
         if (self.held or self.desired.errors or self.report.failed or self.plan.blocked
-                or self.failing):
+                or self.failing or self.down):
             return "degraded"
         return "ready"
 
@@ -61,6 +72,8 @@ class PassResult:
         parts = [self.overall, f"{len(self.desired.manifests)} manifests", f"{self.held} held"]
         if self.waiting:
             parts.append(f"{self.waiting} waiting")
+        if self.down:
+            parts.append(f"{self.down} services down")
         if self.plan.revision:
             parts.append(f"revision {self.plan.revision}")
         if changes:
