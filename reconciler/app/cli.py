@@ -596,7 +596,10 @@ def _schedule_rows(the_plan: Plan, records: list[Record], runs: list[Run]
               show_default=True, help="With --dev: the Bacalhau the dev requester emulates "
               "(1.9: the orchestrator API with job names).")
 def run(config: Path | None, dev: bool, bacalhau_version: str, **flags: Any) -> None:
-    """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
+    """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration).
+
+    Exit 0 when stopped; 78 (EX_CONFIG) when the server refuses the credentials (a 401/403
+    from the orchestrator API: logged once as api.unauthorized, never retried)."""
     settings = settings_from(config, **flags)
     dev_overrides: dict[str, Any] = {}
     requester = None
