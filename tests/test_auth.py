@@ -429,3 +429,29 @@ def test_no_force_after_an_ambiguous_put(tmp_path: Path,
     assert ("GET", JOBS, None) in between  # looked up by uid first
     [job] = dev.jobs()
     assert job["Version"] == 2 and job["State"]["StateType"] in ("Pending", "Running")
+
+
+def test_a_key_revoked_under_a_running_daemon_stops_it_at_the_next_poll(
+    tmp_path: Path, dev_factory: Callable[..., DevProcess],
+) -> None:
+    dev = dev_factory("--bacalhau-version", "1.9", "--api-key", KEY, "--job-duration", "600")
+    port = dev.url.rsplit(":", 1)[1]
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("alpha"))
+    env = {**wrong_key_env(tmp_path, KEY), "RECONCILER_POLL_INTERVAL": "0.2",
+           "RECONCILER_RESYNC_INTERVAL": "3600"}  # only polls (observe) after the first pass
+    daemon = DaemonProcess(["--manifests", str(root), "--state", str(tmp_path / "state.db"),
+                            "--endpoint", dev.url], env)
+    try:
+        daemon.wait_event("job.submitted", timeout=30)
+        dev.stop()  # the same server with another key: ours is no longer accepted
+        other = dev_factory("--port", port, "--bacalhau-version", "1.9",
+                            "--api-key", "o" * 24, "--job-duration", "600")
+        assert daemon.wait(timeout=20) == 78
+    finally:
+        daemon.stop()
+    [event] = daemon.named("api.unauthorized")
+    assert event["status"] == 401 and daemon.named("observe.failed") == []
+    assert other.stats().get("unauthorized", 0) <= 2
+    assert KEY not in "".join(daemon.raw)
