@@ -141,6 +141,25 @@ def test_a_submit_in_doubt_keeps_its_intent_when_the_lookup_is_refused(engine: E
     assert len(engine.requester.named("b")) == 1  # adopted by uid, not submitted again
 
 
+def test_resubmits_after_a_confirmed_absence_stop_at_the_first_rejection(tmp_path: Path) -> None:
+    engine = Engine(tmp_path, concurrency=1)
+    try:
+        for name in ("a", "b", "c"):  # intents a crash left behind; no job reached the server
+            engine.write(name)
+            [manifest] = load_file(f"{name}.yaml", envelope(name).encode()).manifests
+            engine.store.commit_intents([Record(name, Phase.SUBMITTING, manifest.spec_hash,
+                                                f"{name}.yaml", uid=f"uid-{name}",
+                                                attempts=1)])
+        engine.requester.latency = 0.01
+        engine.requester.fail_next("submit", rejected(), times=10)
+        with pytest.raises(CredentialsRejected):
+            engine.run_pass()
+        assert engine.requester.calls["submit"] == 1  # the others were never sent
+        assert {r.phase for r in engine.store.rows.values()} == {Phase.SUBMITTING}
+    finally:
+        engine.loop.close()
+
+
 def test_observe_raises_a_rejection_instead_of_skipping_the_job(tmp_path: Path) -> None:
     store = FakeStore([Record("a", Phase.ACTIVE, "h" * 64, "a.yaml", job_id="job-9",
                               uid="u1", job_state="New")])

@@ -671,6 +671,11 @@ class Executor:
 
         async def bounded() -> None:
             async with self._semaphore:
+                if any(isinstance(f, CredentialsRejected) for f in run.failures):
+                    # Credentials refused meanwhile: send nothing more; the intent stays and
+                    # the next pass resolves it by uid again.
+                    step.close()
+                    return
                 await step
 
         self._spawn(run, bounded(), name)
