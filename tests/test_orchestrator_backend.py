@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 
 from reconciler.app import wiring
 from reconciler.app.cli import main
-from reconciler.backends.errors import NotAuthorized, OutcomeUnknown
+from reconciler.backends.errors import CredentialsRejected, OutcomeUnknown
 from reconciler.backends.orchestrator import (
     Conflict,
     Credentials,
@@ -378,7 +378,7 @@ def test_401_is_not_retried(dev: Any) -> None:
 
     async def go() -> None:
         backend = await _backend(server.url, credentials=Credentials(api_key="z" * 24))
-        with pytest.raises(NotAuthorized, match="configuration error"):
+        with pytest.raises(CredentialsRejected, match="configuration error"):
             await backend.find(["u1"])
         await backend.client.aclose()
 

@@ -56,6 +56,7 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
 def test_unit_has_what_the_daemon_relies_on() -> None:
     text = UNIT.read_text()
     for line in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+                 "RestartPreventExitStatus=78",
                  "StateDirectory=reconciler", "ConfigurationDirectory=reconciler",
                  "LoadCredential=signing-key:/etc/reconciler/signing-key", "WatchdogSec=",
                  "DynamicUser=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]:

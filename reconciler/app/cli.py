@@ -19,7 +19,13 @@ import structlog
 
 from reconciler import events
 from reconciler.app import wiring
-from reconciler.backends.errors import NoExecutions, NotAuthorized, RequesterError, Unreachable
+from reconciler.backends.errors import (
+    CredentialsRejected,
+    NoExecutions,
+    NotAuthorized,
+    RequesterError,
+    Unreachable,
+)
 from reconciler.backends.signing import KeyFileError, Signer, load_signer, write_new_key
 from reconciler.domain.desired import Desired, collect
 from reconciler.domain.plan import SYMBOLS, Action, Plan
@@ -154,6 +160,12 @@ def settings_from(config: Path | None, **flags: Any) -> Settings:
         raise click.ClickException(str(exc)) from None
     _configure_from(settings)
     return settings
+
+
+def refused(exc: CredentialsRejected) -> click.ClickException:
+    """The server refused the credentials: one line naming the setting to fix, exit 1, as
+    for every other configuration error (README, "Exit codes")."""
+    return click.ClickException(scrub_text(str(exc)))
 
 
 def signer_from(settings: Settings) -> Signer:
@@ -336,7 +348,8 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
     """Act now, until nothing is left to do; failed actions are tried again at once (backoff
     is the daemon's). Prints the plan, then progress, then a summary.
 
-    Exit 0 converged, 1 errors (or not converged), 3 blocked by a guard."""
+    Exit 0 converged, 1 errors (or not converged, or the server refuses the credentials:
+    nothing more is sent then), 3 blocked by a guard."""
     settings = settings_from(config, **flags)
     if dry_run:
         desired, the_plan, changes = _preview(settings, allow_mass_cancel)
@@ -349,6 +362,8 @@ def apply_command(config: Path | None, allow_mass_cancel: bool, dry_run: bool,
                                                       allow_mass_cancel))
         except SettingsError as exc:
             raise click.ClickException(str(exc)) from None
+        except CredentialsRejected as exc:
+            raise refused(exc) from None
     result = outcome.result
     out(result.summary(), bold=True)
     for error in result.report.errors:
@@ -402,6 +417,8 @@ async def apply_until_settled(
             executor.on_progress = _progress_line
         try:
             await observe(store, backend, policy)
+        except CredentialsRejected:
+            raise  # a configuration error: nothing else would be accepted either
         except RequesterError as exc:  # planning goes on; effects meet the same error
             structlog.get_logger("reconciler").warning("observe.failed", error=str(exc))
         desired, preview = reconciler.plan()
@@ -444,7 +461,7 @@ _STATE_COLOURS = {"ready": "green", "degraded": "yellow", "not ready": "red"}
 def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) -> None:
     """One row per managed name, and the overall state (ready / degraded / not ready).
 
-    Exit 1 when there is no state database yet."""
+    Exit 1 when there is no state database yet, or the server refuses the credentials."""
     settings = settings_from(config, **flags)
     if not wiring.is_postgres(settings) and not wiring.state_path(settings).exists():
         raise click.ClickException(
@@ -459,7 +476,15 @@ def status(config: Path | None, as_json: bool, approvals: bool, **flags: Any) ->
         desired, the_plan = reconciler.plan()
         records = store.records()
         runs = store.runs()
-    choice = asyncio.run(wiring.choose_api(settings, wait=2.0))
+    try:
+        choice = asyncio.run(wiring.choose_api(settings, wait=2.0))
+        if choice.api == "orchestrator" and not choice.detail:
+            # One authenticated request: a daemon with these credentials would exit 78.
+            asyncio.run(wiring.check_credentials(settings, wait=2.0))
+    except CredentialsRejected as exc:
+        raise refused(exc) from None
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     api = {"api": choice.api, "mode": choice.mode,
            "server_version": choice.server_version or ("unknown" if choice.detail else "")}
     overall = PassResult(desired, the_plan).overall
@@ -590,7 +615,10 @@ def _schedule_rows(the_plan: Plan, records: list[Record], runs: list[Run]
               show_default=True, help="With --dev: the Bacalhau the dev requester emulates "
               "(1.9: the orchestrator API with job names).")
 def run(config: Path | None, dev: bool, bacalhau_version: str, **flags: Any) -> None:
-    """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)."""
+    """Keep reconciling until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration).
+
+    Exit 0 when stopped; 78 (EX_CONFIG) when the server refuses the credentials (a 401/403
+    from the orchestrator API: logged once as api.unauthorized, never retried)."""
     settings = settings_from(config, **flags)
     dev_overrides: dict[str, Any] = {}
     requester = None
@@ -657,7 +685,10 @@ def approve(config: Path | None, job_id: str, node: str | None, reject: bool, re
 
     Legacy API only: Bacalhau v1.5+ (the orchestrator API) has no job approval (exit 1)."""
     settings = settings_from(config, **flags)
-    choice = asyncio.run(wiring.choose_api(settings))
+    try:
+        choice = asyncio.run(wiring.choose_api(settings))
+    except CredentialsRejected as exc:
+        raise refused(exc) from None
     if choice.api == "orchestrator":
         raise click.ClickException(
             f"{job_id}: the requester speaks the orchestrator API (Bacalhau "

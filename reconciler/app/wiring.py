@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.backends.errors import RequesterError
+from reconciler.backends.errors import CredentialsRejected, RequesterError
 from reconciler.backends.legacy import ApiClient, RetryPolicy
 from reconciler.backends.legacy_jobs import LegacyBackend
 from reconciler.backends.orchestrator import (
@@ -193,12 +193,15 @@ async def choose_api(settings: Settings, *, wait: float = 10.0) -> ApiChoice:
     """``settings.api`` made concrete. ``auto`` asks ``GET /api/v1/agent/version``: v1.5+ is
     the orchestrator (v1.8+ by name, else by label), a 404 or an older server legacy. When
     the server cannot be asked, auto assumes legacy (the default before issue 14); the daemon
-    asks again at each resync and follows a change."""
+    asks again at each resync and follows a change. A 401/403 on the version route raises
+    :class:`CredentialsRejected`."""
     if settings.api == "legacy":
         return ApiChoice("legacy", "")
     try:
         version = await detect_version(settings.endpoint,
                                        wait=min(wait, settings.request_timeout))
+    except CredentialsRejected:
+        raise  # a configuration error, not "unknown": the caller stops (exit 78 / 1)
     except RequesterError as exc:
         if settings.api == "orchestrator":
             return ApiChoice("name", "", f"version unknown ({exc}); name mode assumed")
@@ -207,6 +210,22 @@ async def choose_api(settings: Settings, *, wait: float = 10.0) -> ApiChoice:
     if settings.api == "orchestrator" and mode == "legacy":
         mode = "name"  # asked for explicitly: an unknown version is taken to be the newest
     return ApiChoice(mode, version or "")
+
+
+async def check_credentials(settings: Settings, *, wait: float = 10.0) -> None:
+    """One authenticated request to the orchestrator (a one-job page of our labels): raises
+    :class:`CredentialsRejected` when the server refuses the credentials; any other failure
+    is left to the caller's own checks (``status`` shows what it can)."""
+    async with OrchestratorClient(settings.endpoint, namespace=settings.namespace,
+                                  credentials=credentials(settings),
+                                  timeout=min(wait, settings.request_timeout),
+                                  retry=RetryPolicy(attempts=1)) as client:
+        try:
+            await client.check_access()
+        except CredentialsRejected:
+            raise
+        except RequesterError:
+            return
 
 
 def credentials(settings: Settings) -> Credentials:

@@ -6,6 +6,10 @@
     ├── PermanentError            retrying cannot help
     │   ├── InvalidRequest        bad envelope, signature or spec
     │   ├── NotAuthorized         job owned by another client, or not the node's approver
+    │   ├── CredentialsRejected   401/403 from the orchestrator API: the configured credential
+    │   │                         (api_key, api_username + api_password) is wrong or lacks the
+    │   │                         capability. A configuration error, not a refusal of one job:
+    │   │                         the executor stops its pass, the daemon exits 78 (EX_CONFIG)
     │   ├── NotFound              the backend does not know the job
     │   ├── AlreadyTerminal       cancel of a job that has ended
     │   └── NoExecutions          approve: the node holds no execution of the job
@@ -49,6 +53,23 @@ class InvalidRequest(PermanentError):
 
 class NotAuthorized(PermanentError):
     pass
+
+
+class CredentialsRejected(PermanentError):
+    """The server refused our credential (orchestrator API: 401 or 403 on any route). Unlike
+    the legacy API's :class:`NotAuthorized` (one job is not ours), every request would meet
+    it, so it ends the pass and the daemon (docs/design.md, "The orchestrator backend",
+    Credentials rejected). The message names the settings to fix and never the secret."""
+
+    def __init__(self, message: str, *, status: int | None = None, credential: str = "none",
+                 endpoint: str = "", hint: str = "") -> None:
+        super().__init__(message, status=status)
+        #: Which kind of credential was sent: ``api-key``, ``basic`` or ``none``.
+        self.credential = credential
+        #: The server, credentials in the URL masked.
+        self.endpoint = endpoint
+        #: What to change, in words (no secret).
+        self.hint = clean(hint)
 
 
 class NotFound(PermanentError):

@@ -9,14 +9,20 @@ are docs/design.md, "The orchestrator backend". In short:
   every page);
 - **name mode** (v1.8+): ``Job.Name`` is the manifest's name, so a PUT of a changed manifest
   updates its job in place (same id, version + 1): :attr:`OrchestratorBackend.updates_in_place`
-  tells the executor a replace needs no cancel. The uid label differs at every submit, so a
-  re-added unchanged manifest runs again without ``Force``, and ``Force`` is never sent (so
-  never after an ambiguous failure). Before each PUT the name is looked up: a job of that name
-  without our labels is a conflict, never touched;
+  tells the executor a replace needs no cancel. Before each PUT the name is looked up: a job
+  of that name without our labels is a conflict, never touched. The uid label differs at every
+  submit (how an in-doubt PUT is resolved), and ``Force: true`` is sent exactly when that
+  lookup found our job of the same spec hash ended (a re-added or resubmitted unchanged
+  manifest), so it runs again even on a server that ignored label-only differences; every
+  other PUT says ``Force: false``: a PUT seen free by a recent listing (no lookup of its own),
+  and the first PUT of a name after an ambiguous one (503, dropped, timed out), which follows
+  the executor's lookup by uid. A PUT is resent only when it surely never arrived (429, no
+  connection);
 - **label mode** (v1.5 to v1.7): every PUT creates a job; the legacy protocol otherwise;
 - errors are matched by status plus message prefix (the ``Code`` is empty for several that
-  matter) and mapped onto :mod:`reconciler.backends.errors`; 401/403 are
-  :class:`NotAuthorized` with a configuration hint, never retried.
+  matter) and mapped onto :mod:`reconciler.backends.errors`; 401/403 on any route are
+  :class:`CredentialsRejected` naming the setting to fix (never the secret), never retried: a
+  configuration error that stops the pass and the daemon (exit 78).
 
 Bodies are sent as bytes, so httpx sets ``Content-Length`` (a chunked body fails the server's
 authoriser); no ``X-Bacalhau-Git-Version`` header is sent.
@@ -38,9 +44,9 @@ import httpx
 
 from reconciler.backends.errors import (
     AlreadyTerminal,
+    CredentialsRejected,
     InvalidRequest,
     MalformedReply,
-    NotAuthorized,
     NotFound,
     OutcomeUnknown,
     PermanentError,
@@ -68,6 +74,11 @@ SPEC_META = "reconciler/spec"
 #: How long a name a full listing found free is trusted to stay free, so that the PUT of a
 #: cold sync needs no lookup of its own (docs/design.md, "The orchestrator backend").
 ABSENT_TTL = 60.0
+#: How long after an ambiguous PUT of a name its next PUT is never forced (that PUT follows
+#: the executor's uid lookups: docs/design.md, "The orchestrator backend", Force).
+IN_DOUBT_TTL = 600.0
+#: A job in one of these states has ended: a PUT of the same spec must force it to run again.
+TERMINAL_STATES = frozenset({"Completed", "Failed", "Stopped"})
 #: Translations kept (a pass's worth; cleared when full).
 TRANSLATIONS_KEPT = 20_000
 #: Uids per label-selector lookup (``reconciler-uid in (...)``: 33 bytes each in the URL).
@@ -121,7 +132,8 @@ async def detect_version(
 ) -> str | None:
     """``GitVersion`` of the server (``GET /api/v1/agent/version``, never authenticated), or
     None for a legacy-era server (404, or no version in the reply). Raises
-    :class:`Unreachable` or :class:`ServerError` when it cannot tell."""
+    :class:`Unreachable` or :class:`ServerError` when it cannot tell, and
+    :class:`CredentialsRejected` on a 401/403 (the route needs none: a configuration error)."""
     where = scrub_text(endpoint.rstrip("/"))
     async with httpx.AsyncClient(base_url=endpoint.rstrip("/"), timeout=wait,
                                  transport=transport) as http:
@@ -131,6 +143,15 @@ async def detect_version(
             raise Unreachable(f"version: cannot reach {where}: {type(exc).__name__}") from exc
     if response.status_code in (404, 405, 410):
         return None
+    if response.status_code in (401, 403):
+        # Bacalhau answers this route without credentials (docs/wire-orchestrator.md 8), so
+        # something in front of it wants them: no backend could work there either.
+        raise CredentialsRejected(
+            f"version: HTTP {response.status_code} from {where} on {VERSION_PATH}, which "
+            "Bacalhau serves without credentials (a proxy in front of it asking for some?): "
+            "check endpoint; a configuration error", status=response.status_code,
+            credential="none", endpoint=where,
+            hint="check endpoint: Bacalhau serves the version route without credentials")
     if response.status_code != 200:
         raise ServerError(f"version: HTTP {response.status_code} from {where}",
                           status=response.status_code)
@@ -193,16 +214,46 @@ def _message(reply: _Reply) -> str:
     return reply.text.strip()[:500]
 
 
-def _translate(reply: _Reply, operation: str) -> RequesterError:
+#: What to fix when the server refuses the credential, by the kind that was sent.
+_FIX = {
+    "api-key": "check api_key (config or RECONCILER_API_KEY), $CREDENTIALS_DIRECTORY/api-key "
+               "or BACALHAU_API_KEY",
+    "basic": "check api_username + api_password (config or RECONCILER_API_USERNAME + "
+             "RECONCILER_API_PASSWORD) or BACALHAU_API_USERNAME + BACALHAU_API_PASSWORD",
+    "none": "the server requires credentials: set api_key (or $CREDENTIALS_DIRECTORY/api-key, "
+            "BACALHAU_API_KEY) or api_username + api_password",
+}
+
+
+def rejected(operation: str, status: int, text: str, credentials: Credentials,
+             endpoint: str) -> CredentialsRejected:
+    """401/403: the credential (not one job) is refused, on whatever route. A configuration
+    error: the message names the settings to fix, never the secret (the server's own text is
+    scrubbed of it too, should it ever echo it)."""
+    if status == 403:
+        hint = (f"the {credentials.kind} credential was accepted but lacks the capability "
+                "for this request (read:job to list, write:job to submit or stop): grant it "
+                "on the server or use another one; " + _FIX[credentials.kind])
+    else:
+        hint = _FIX[credentials.kind]
+    header = credentials.header() or ""
+    for secret in (credentials.api_key, credentials.password, header.partition(" ")[2]):
+        if secret:
+            text = text.replace(secret, "[secret]")
+    where = f" from {endpoint}" if endpoint else ""
+    return CredentialsRejected(
+        f"{operation}: HTTP {status}{where}: {text} ({hint}; a configuration error: nothing "
+        "more is sent until it is fixed)", status=status, credential=credentials.kind,
+        endpoint=endpoint, hint=hint)
+
+
+def _translate(reply: _Reply, operation: str, credentials: Credentials | None = None,
+               endpoint: str = "") -> RequesterError:
     """Status plus message prefix (docs/wire-orchestrator.md section 7)."""
     status, text = reply.status, _message(reply)
     message = f"{operation}: HTTP {status}: {text}"
     if status in (401, 403):
-        what = "not accepted" if status == 401 else "lacks the capability for this request"
-        return NotAuthorized(f"{message} (the credential is {what}: check api_key / "
-                             "api_username + api_password, $CREDENTIALS_DIRECTORY/api-key or "
-                             "BACALHAU_API_KEY; a configuration error, not retried)",
-                             status=status)
+        return rejected(operation, status, text, credentials or Credentials(), endpoint)
     if status == 400:
         return InvalidRequest(message, status=status)
     if status == 404:
@@ -248,7 +299,8 @@ class OrchestratorClient:
         self._retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
         headers = {"Content-Type": "application/json"}
-        auth = (credentials or Credentials()).header()
+        self._credentials = credentials or Credentials()
+        auth = self._credentials.header()
         if auth:
             headers["Authorization"] = auth
         self._http = httpx.AsyncClient(
@@ -266,9 +318,13 @@ class OrchestratorClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def put_job(self, job: Mapping[str, Any]) -> str:
-        """PUT a job; its id. :class:`OutcomeUnknown` when it may or may not be stored."""
-        body = json.dumps({"Job": job, "Force": False}).encode()
+    async def put_job(self, job: Mapping[str, Any], *, force: bool = False) -> str:
+        """PUT a job; its id. :class:`OutcomeUnknown` when it may or may not be stored.
+
+        Only a request that surely never reached the handler is sent again (429, no
+        connection): after anything ambiguous the caller looks the job up instead, so a
+        ``Force`` is never repeated blindly."""
+        body = json.dumps({"Job": job, "Force": force}).encode()
         try:
             reply = await self._retrying(lambda: self._send("submit", "PUT", JOBS, body=body),
                                          retry_on=(RateLimited, Unreachable))
@@ -317,6 +373,12 @@ class OrchestratorClient:
             if not isinstance(token, str) or not token:
                 return jobs
 
+    async def check_access(self) -> None:
+        """One page of one job of ours: raises :class:`CredentialsRejected` when the server
+        refuses the credentials (``reconciler status``)."""
+        await self._send("list", "GET", JOBS, params={
+            "namespace": self.namespace, "limit": "1", "labels": f"{MANAGED_BY}={MANAGER}"})
+
     async def stop(self, job_id: str, reason: str) -> None:
         """Stop a job; the reason travels in the JSON body (a ``?reason=`` is never read)."""
         body = json.dumps({"reason": reason, "Namespace": self.namespace}).encode()
@@ -346,7 +408,7 @@ class OrchestratorClient:
                        "" if status == 200 else response.text)
         if status == 200:
             return reply
-        raise _translate(reply, operation)
+        raise _translate(reply, operation, self._credentials, self._endpoint)
 
     async def _retrying(self, call: Callable[[], Awaitable[_Reply]],
                         retry_on: tuple[type[Exception], ...] = (TransientError,)) -> _Reply:
@@ -415,6 +477,8 @@ class OrchestratorBackend:
         self._version_tuple = _version_tuple(version)
         #: Names a listing of the whole namespace just found free (name mode), and when.
         self._free: dict[str, float] = {}
+        #: Names whose last PUT was ambiguous (503, dropped, timed out), and when.
+        self._in_doubt: dict[str, float] = {}
         #: Translations by manifest: the executor asks refusal() then submit() of each.
         self._translated: dict[tuple[str, str, str, int], dict[str, Any] | LoadError] = {}
 
@@ -466,10 +530,12 @@ class OrchestratorBackend:
         if self.mode == "label":
             return JobInfo(await self.client.put_job(job), JobPhase.RUNNING, "Pending", uid=uid)
         free_since = self._free.pop(manifest.name, None)
+        now = time.monotonic()
+        self._in_doubt = {n: t for n, t in self._in_doubt.items() if now - t < IN_DOUBT_TTL}
+        after_doubt = self._in_doubt.pop(manifest.name, None) is not None
         for _ in range(3):  # a lost create race (409) is looked up again
-            looked_up = not (free_since is not None
-                             and time.monotonic() - free_since < ABSENT_TTL)
-            # not looked up: seen free moments ago, a cold sync sends the PUT alone
+            looked_up = free_since is None or now - free_since >= ABSENT_TTL
+            # seen free moments ago: a cold sync sends the PUT alone
             existing = await self._by_name(manifest.name) if looked_up else None
             free_since = None
             if existing is not None and not self._ours(existing):
@@ -478,10 +544,18 @@ class OrchestratorBackend:
                     f"exists in namespace {self.client.namespace} without the labels "
                     f"{MANAGED_BY}={MANAGER},{INSTANCE_LABEL}={self.instance}: not ours, held "
                     "and never touched (rename the manifest or remove that job)")
+            # Force only on what this PUT's own lookup saw: our job of this very spec, ended
+            # (a re-added or resubmitted unchanged manifest), so it runs again even were the
+            # fresh uid label no difference to the server; never on a cached listing, never
+            # on the first PUT after an ambiguous one (docs/design.md, Force).
+            force = looked_up and not after_doubt and self._ended_same(existing, manifest)
             try:
-                job_id = await self.client.put_job(job)
+                job_id = await self.client.put_job(job, force=force)
             except _NameTaken:
                 continue
+            except OutcomeUnknown:
+                self._in_doubt[manifest.name] = time.monotonic()
+                raise
             except _NoChanges:
                 assert existing is not None  # only an update can be "no changes"
                 return job_info(existing)
@@ -493,6 +567,12 @@ class OrchestratorBackend:
             return JobInfo(job_id, JobPhase.RUNNING, "Pending", uid=uid, version=version)
         raise OutcomeUnknown(f"submit: the name {manifest.name} was taken concurrently again "
                              "and again")
+
+    @staticmethod
+    def _ended_same(existing: Mapping[str, Any] | None, manifest: Manifest) -> bool:
+        return (existing is not None
+                and _text(existing, "Meta", SPEC_META) == manifest.spec_hash
+                and _text(existing, "State", "StateType") in TERMINAL_STATES)
 
     async def _by_name(self, name: str) -> dict[str, Any] | None:
         job = await self.client.get_job(name)

@@ -193,9 +193,11 @@ class OrchestratorApi:
         if access:
             writes = request.method in ("PUT", "POST", "DELETE")
             if writes and access == "read":
+                self.stats["forbidden"] += 1  # refused requests are counted too, for tests
                 raise ApiError(403, "Request Forbidden", "Forbidden", "Authorizer",
                                details={"reason": "missing capability write:job"})
             return
+        self.stats["unauthorized"] += 1
         raise ApiError(401, "Request Unauthorized", "Unauthorized", "Authorizer",
                        details={"reason": reason})
 
@@ -319,6 +321,8 @@ class OrchestratorApi:
         from reconciler.devnet.server import Reply, plain
 
         spec, warnings, force = self._decode_put(request)
+        if force:
+            self.stats["PUT /orchestrator/jobs Force"] += 1  # tests check when it is sent
         existing = self.store.by_name(spec["Name"], spec["Namespace"]) if self.names else None
         if self.config.latency:
             await asyncio.sleep(self.config.latency)  # between the lookup and the write

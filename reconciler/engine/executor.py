@@ -17,7 +17,10 @@ with the same uid. A replace cancels, then submits, each step durable.
 ``apply`` never returns or raises while a request it started is still in flight: a failed
 action (a store error while saving an outcome) stops new actions from starting, every started
 one runs to its end (requests have timeouts), each failure is logged, and the first is raised
-after that. A name with no record is looked up by its name before it is submitted
+after that. A rejected credential (:class:`CredentialsRejected`, a configuration error) stops
+the pass the same way, at its first occurrence: the intent of the refused action is given back
+(nothing was created, so no error record and no backoff) and the error is raised, not logged
+per action. A name with no record is looked up by its name before it is submitted
 (a lost or rolled-back store), and live duplicates are looked for by name at the first apply
 and, for a while, for every name whose submit was in doubt (docs/design.md, "No duplicate
 jobs").
@@ -39,7 +42,13 @@ from typing import Any
 
 import structlog
 
-from reconciler.backends.errors import AlreadyTerminal, NotFound, OutcomeUnknown, RequesterError
+from reconciler.backends.errors import (
+    AlreadyTerminal,
+    CredentialsRejected,
+    NotFound,
+    OutcomeUnknown,
+    RequesterError,
+)
 from reconciler.domain.manifest import Manifest
 from reconciler.domain.plan import Action, Decision, Plan, PlanPolicy, Scheduled
 from reconciler.domain.records import Phase, Record, Run
@@ -89,6 +98,16 @@ class ApplyReport:
     @property
     def failed(self) -> bool:
         return bool(self.errors)
+
+
+class _IntentStays(Exception):
+    """A credential refused after a request of this action may already have changed something
+    (a PUT in doubt, the cancel before a replace's submit): its intent stays in the store for
+    the next pass to resolve by uid, instead of being given back."""
+
+    def __init__(self, rejected: CredentialsRejected) -> None:
+        super().__init__(str(rejected))
+        self.rejected = rejected
 
 
 @dataclass
@@ -150,8 +169,10 @@ class Executor:
         await self._drain(run)
         self._rollback(run, report)
         if run.failures:
-            first = run.failures[0]
-            if len(run.failures) > 1:
+            # A rejected credential first: it is what the caller must act on (stop, exit 78).
+            rejected = [f for f in run.failures if isinstance(f, CredentialsRejected)]
+            first = rejected[0] if rejected else run.failures[0]
+            if len(run.failures) > 1 and not rejected:
                 first.add_note(f"{len(run.failures) - 1} more actions failed in this pass "
                                "(each logged as action.failed)")
             raise first
@@ -194,7 +215,11 @@ class Executor:
         run.tasks.add(asyncio.create_task(kept()))
 
     def _note_failure(self, run: _Run, name: str | None, exc: Exception) -> None:
+        if isinstance(exc, _IntentStays):
+            exc = exc.rejected
         run.failures.append(exc)
+        if isinstance(exc, CredentialsRejected):
+            return  # one configuration error, raised by apply and reported once by its caller
         if name is not None:
             self._suspect(name)
         self._log.error("action.failed", name=name, action="apply", error=str(exc),
@@ -327,7 +352,14 @@ class Executor:
             if self._stopping or run.failures:
                 run.not_started.append(decision)
                 return
-            await self._carry_out(decision, intent, report)
+            try:
+                await self._carry_out(decision, intent, report)
+            except CredentialsRejected:
+                # Refused before anything changed (no job created, stopped or updated): the
+                # intent is given back like those of actions never started, so no error
+                # record and no backoff; once the credential is fixed it is sent at once.
+                run.not_started.append(decision)
+                raise
         report.done += 1
         if self.on_progress is not None:
             self.on_progress(report.done, report.total)
@@ -355,7 +387,10 @@ class Executor:
         # concurrency: replace records the slot only now, with the new run's intent: a crash
         # after the cancel leaves the slot due, and the next pass fires it again.
         self._commit_runs([fresh], [(decision, fresh)] if _fires(decision) else [], report)
-        await self._submit(decision.manifest, fresh, report, decision.reason)
+        try:
+            await self._submit(decision.manifest, fresh, report, decision.reason)
+        except CredentialsRejected as exc:  # the old job is stopped: the new intent stays
+            raise _IntentStays(exc) from exc
 
     async def _submit(
         self, manifest: Manifest, intent: Record, report: ApplyReport, reason: str,
@@ -373,8 +408,13 @@ class Executor:
             report.count("submit.unknown")
             self._store.save([replace(intent, last_error=str(exc))])
             if resolve_unknown:  # once per pass: a second doubt waits for the next pass
-                await self._resolve_records([(intent, manifest, Action.RESUBMIT)], report)
+                try:
+                    await self._resolve_records([(intent, manifest, Action.RESUBMIT)], report)
+                except CredentialsRejected as rejected:  # in doubt: never given back
+                    raise _IntentStays(rejected) from rejected
             return
+        except CredentialsRejected:
+            raise  # a configuration error, not this job's: no error record (see apply)
         except RequesterError as exc:
             if kept is not None:
                 self._failed(kept, "update", exc, report)
@@ -426,6 +466,8 @@ class Executor:
             self._log.info("job.cancel_skipped", **fields, detail=str(exc))
             report.count("cancel.skipped")
             return True
+        except CredentialsRejected:
+            raise  # nothing was stopped; a configuration error (see apply)
         except RequesterError as exc:
             self._failed(record, "cancel", exc, report)
             return False
@@ -547,6 +589,8 @@ class Executor:
         for start in range(0, len(names), NAME_BATCH):
             try:
                 found = await self._backend.find_by_name(names[start : start + NAME_BATCH])
+            except CredentialsRejected:
+                raise
             except RequesterError as exc:
                 # Not knowing whether a job exists, submit nothing new for these names now.
                 unknown = set(names[start:]) & set(unrecorded)
@@ -634,6 +678,8 @@ class Executor:
                 await asyncio.sleep(self._resolve_delay * attempt)
             try:
                 found = await self._backend.find(list(waiting))
+            except CredentialsRejected:
+                raise
             except RequesterError as exc:
                 for record, _, _ in waiting.values():
                     self._failed(record, "lookup", exc, report)
@@ -655,6 +701,11 @@ class Executor:
 
         async def bounded() -> None:
             async with self._semaphore:
+                if any(isinstance(f, CredentialsRejected) for f in run.failures):
+                    # Credentials refused meanwhile: send nothing more; the intent stays and
+                    # the next pass resolves it by uid again.
+                    step.close()
+                    return
                 await step
 
         self._spawn(run, bounded(), name)

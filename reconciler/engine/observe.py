@@ -6,7 +6,8 @@ replaced or ended job the requester keeps; 10,000 manifests after 10,000 changes
 ~22 MB of JSON and a 60 MB RSS peak per poll). A job missing from the answer is asked about by
 id, because an empty or short answer is not proof of absence (docs/wire-legacy.md, List); only
 an explicit "not found" marks it ``lost``. The planner then decides what follows (resubmit or
-not, by the manifest's policy).
+not, by the manifest's policy). A rejected credential (:class:`CredentialsRejected`) is raised
+to the caller, never taken for one job's answer.
 
 A service or daemon job (``JobInfo.long_running``) is kept running, so any end of it is drift:
 ``job.drift`` whatever the end, with its job type, and a backoff before the planner may bring
@@ -22,7 +23,7 @@ from dataclasses import replace
 
 import structlog
 
-from reconciler.backends.errors import RequesterError
+from reconciler.backends.errors import CredentialsRejected, RequesterError
 from reconciler.domain.plan import PlanPolicy
 from reconciler.domain.records import Phase, Record
 from reconciler.engine.executor import RECORD_PHASES
@@ -53,6 +54,8 @@ async def observe(
         if job is None:
             try:
                 job = await backend.status(record.job_id)
+            except CredentialsRejected:
+                raise  # a configuration error: the caller stops, it is not this job's
             except RequesterError:
                 continue  # no answer: keep what we have, ask again next time
         state = job.state if job else None

@@ -16,6 +16,9 @@ interleave their writes to the store:
 * SIGTERM/SIGINT: no new actions (not-started intents are given back), in-flight requests get
   ``shutdown_deadline`` seconds, then they are cancelled; exit 0. A second signal exits at once:
   SQLite's journal keeps the store whole either way.
+* the server refuses our credentials (401/403 on the orchestrator API, from a pass, a poll or
+  the version check): one ``api.unauthorized`` event, ``STATUS=`` to systemd, the same orderly
+  shutdown, exit 78 (EX_CONFIG): a configuration error is not retried in a loop.
 
 With a PostgreSQL state several daemons share one database: each campaigns for a lease every
 ``lease / 3`` seconds (off the loop); only the leader's passes act, a standby's passes only read
@@ -41,13 +44,14 @@ from enum import Enum
 import structlog
 
 from reconciler.app import wiring
-from reconciler.backends.errors import RequesterError
+from reconciler.backends.errors import CredentialsRejected, RequesterError
 from reconciler.backends.signing import Signer
 from reconciler.domain.plan import PlanPolicy
 from reconciler.engine.executor import Executor
 from reconciler.engine.fenced import FencedBackend
 from reconciler.engine.observe import observe
 from reconciler.engine.reconcile import PassResult
+from reconciler.events import scrub_text
 from reconciler.ports import Backend, Campaigning, Fetching, Settling, StateStore
 from reconciler.service.http import HttpServer
 from reconciler.service.metrics import HealthServer, standard_metrics
@@ -67,6 +71,10 @@ _RESTART_ONLY = frozenset({
     "api_password", "request_timeout", "concurrency",
 })
 _RETRY_AFTER_FAILED_PASS = 2.0
+#: sysexits.h EX_CONFIG: the server refused our credentials. Retrying cannot help, so the
+#: daemon exits with it and the unit's RestartPreventExitStatus=78 keeps systemd from
+#: restarting it in a loop (docs/design.md, "The orchestrator backend").
+EX_CONFIG = 78
 _SETTLE_AFTER_CHANGES = 1.0
 
 
@@ -120,6 +128,7 @@ class Daemon:
         self._reload_done_pending = False  # READY=1 goes out after the pass that follows
         self._executor: Executor | None = None
         self._pass_task: asyncio.Task[PassResult] | None = None
+        self._exit_code = 0
 
     def _policy(self) -> PlanPolicy:
         return wiring.plan_policy(self.settings)
@@ -184,6 +193,8 @@ class Daemon:
                     campaigner.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await campaigner
+        except CredentialsRejected as exc:  # a pass has drained its requests before raising
+            self._unauthorized(exc)
         finally:
             self._notifier.stopping()
             if pinger is not None:
@@ -195,7 +206,21 @@ class Daemon:
             if probe is not None:
                 await probe.stop()
             self._log.info("daemon.stopped")
-        return 0
+        return self._exit_code
+
+    def _unauthorized(self, exc: CredentialsRejected) -> None:
+        """The server refused our credentials: report it once and stop (exit 78)."""
+        self._exit_code = EX_CONFIG
+        self._stopping = True
+        self._metrics.set("reconciler_ready", 0)
+        self._log.error("api.unauthorized",
+                        endpoint=exc.endpoint or scrub_text(self.settings.endpoint),
+                        auth=exc.credential, status=exc.status, hint=exc.hint,
+                        error=str(exc), exit_status=EX_CONFIG,
+                        reason="the server refused the credentials: a configuration error, "
+                               "not retried; fix it and start the daemon again")
+        self._notifier.status(f"stopped: the server refused the {exc.credential} credentials "
+                              f"(HTTP {exc.status}); {exc.hint}")
 
     def _new_executor(self) -> Executor:
         executor = wiring.executor(self.settings, self._store, self._backend, self._policy())
@@ -320,6 +345,8 @@ class Daemon:
                 raise
             self._log.warning("pass.cancelled", reason="shutdown deadline reached")
             return False
+        except CredentialsRejected:
+            raise  # not a failed pass: the daemon stops (run)
         except (StoreError, RequesterError, OSError) as exc:
             if self._leader is not None and (isinstance(exc, NotLeader) or not self.may_act()):
                 # Fenced out mid-pass: stop acting and stand by; not a failure of this daemon.
@@ -387,6 +414,8 @@ class Daemon:
         with self._poll.measuring():
             try:
                 counts: Counter[str] = await observe(self._store, self._backend, self._policy())
+            except CredentialsRejected:
+                raise  # the daemon stops (run)
             except (RequesterError, StoreError) as exc:
                 self._poll.failures += 1
                 self._log.warning("observe.failed", error=str(exc), retry_in_s=self._poll.delay())
