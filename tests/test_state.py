@@ -121,6 +121,44 @@ def test_version_4_store_gains_job_version_and_message(tmp_path: Path) -> None:
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_two_writers_opening_a_version_4_store_together_migrate_once(tmp_path: Path) -> None:
+    """A daemon restarted after an upgrade and a CLI write beside it open the old store at the
+    same moment: both read schema 4, one migrates, the other must not run the step again
+    (schema 5's ALTER TABLE failed with "duplicate column name" in 18 of 20 real races)."""
+    import threading
+    import time
+
+    from reconciler.store.sqlite import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")  # as a writer left it
+    db.executescript("".join(_MIGRATIONS[step] for step in range(1, 5)) +
+                     "PRAGMA user_version=4;")
+    db.execute("BEGIN IMMEDIATE")  # the other writer: holds the write lock, migrating
+    outcome: list[BaseException | Store] = []
+
+    def second_writer() -> None:
+        try:
+            outcome.append(Store(path))  # reads version 4, then waits for the lock
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=second_writer)
+    thread.start()
+    time.sleep(0.5)
+    for statement in ("ALTER TABLE jobs ADD COLUMN job_version INTEGER",
+                      "ALTER TABLE jobs ADD COLUMN job_message TEXT",
+                      "PRAGMA user_version=5", "COMMIT"):
+        db.execute(statement)
+    thread.join(10)
+    db.close()
+    [store] = outcome
+    assert isinstance(store, Store), store
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
     from reconciler.store.sqlite import _MIGRATIONS
 

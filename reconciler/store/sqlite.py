@@ -217,11 +217,23 @@ class Store:
                 self._db.executescript(_MIGRATIONS[step])
             return
         for step in range(version + 1, SCHEMA_VERSION + 1):
-            # executescript commits whatever is open first, so the script carries its own
-            # transaction: a crash mid-migration leaves the previous version intact.
-            self._db.executescript(
-                f"BEGIN IMMEDIATE; {_MIGRATIONS[step]}; PRAGMA user_version={step}; COMMIT;"
-            )
+            # One transaction a step: a crash mid-migration leaves the previous version
+            # intact. The version is read again under the write lock: another writer opening
+            # the same old store at the same moment (a daemon restarted after an upgrade, a
+            # CLI write beside it) may have migrated it since our first read, and a step run
+            # twice fails (schema 5: "duplicate column name").
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if int(self._db.execute("PRAGMA user_version").fetchone()[0]) < step:
+                    for statement in _MIGRATIONS[step].split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version={step}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     @property
     def _caching(self) -> bool:
