@@ -459,3 +459,68 @@ def test_an_unreachable_server_without_a_key_does_not_stop_the_backend_opening()
             return backend.mode
 
     assert asyncio.run(opened()) == "name"
+
+
+@pytest.mark.parametrize("refusal", ["503", "401"])
+def test_a_superseded_job_whose_stop_failed_is_stopped_by_the_next_pass(
+        tmp_path: Path, dev: Any, refusal: str) -> None:
+    """The update by name created a second job (the old one unknown to the name index) and
+    the stop of the old one failed: the record follows the new job, so only the duplicate
+    sweep can find the old one. The name is a suspect, so the next pass of the same executor
+    (a daemon's) stops it; before, both ran until the daemon restarted. A 401 there stops the
+    pass like any refused credential (it was logged as one failed cancel and the pass went
+    on), and the new job's record stays."""
+    from reconciler.backends.errors import ServerError
+    from reconciler.domain.plan import PlanPolicy
+    from reconciler.engine.executor import Executor
+    from reconciler.engine.reconcile import Reconciler
+    from reconciler.sources.folder import FolderSource
+    from tests.fakes import FakeStore
+
+    class FlakyStop(OrchestratorBackend):
+        failures = 0
+
+        async def stop(self, job_id: str, reason: str) -> str:
+            if self.failures:
+                self.failures -= 1
+                if refusal == "401":
+                    raise CredentialsRejected("cancel: HTTP 401: Request Unauthorized",
+                                              status=401, credential="none")
+                raise ServerError("cancel: HTTP 503: Server Timeout!", status=503)
+            return await super().stop(job_id, reason)
+
+    server = dev("1.9")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    store = FakeStore()
+    backend = FlakyStop(OrchestratorClient(server.url), mode="name", version="v1.9.3")
+    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
+    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    with asyncio.Runner() as loop:
+        (root / "a.yaml").write_text(envelope("alpha"))
+        loop.run(reconciler.run_pass(executor))
+        [old] = by_name(server)["alpha"]
+        orchestrator = server.thread.app.orchestrator
+        assert orchestrator is not None
+        orchestrator.store._index.clear()  # a job from before v1.8, as after an upgrade
+
+        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
+        backend.failures = 1
+        if refusal == "401":
+            with pytest.raises(CredentialsRejected):
+                loop.run(reconciler.run_pass(executor))
+        else:
+            result = loop.run(reconciler.run_pass(executor))
+            assert result.report.counts["cancel.failed"] == 1
+        assert store.rows["alpha"].phase == "active"
+        assert store.rows["alpha"].job_id != old["ID"]
+        states = {j["ID"]: j["State"]["StateType"] for j in by_name(server)["alpha"]}
+        assert states[old["ID"]] in ("Pending", "Running")  # both run for now
+
+        result = loop.run(reconciler.run_pass(executor))  # nothing changed in the folder
+        assert result.report.counts["duplicate.cancelled"] == 1
+        states = {j["ID"]: j["State"]["StateType"] for j in by_name(server)["alpha"]}
+        assert states.pop(old["ID"]) == "Stopped"
+        assert list(states.values()) in (["Pending"], ["Running"])
+        assert store.rows["alpha"].job_id in states
+        loop.run(backend.client.aclose())

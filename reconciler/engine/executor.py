@@ -446,11 +446,19 @@ class Executor:
             report.count("cancel.skipped")
             return
         except RequesterError as exc:
-            # The record follows the new job now; the old one can only be reported.
+            # The record follows the new job now, so no record names the old one: the name
+            # becomes a suspect, and the duplicate sweep of the next applies (for
+            # SUSPECT_WINDOW) finds it live beside the recorded job and stops it. Before,
+            # it ran on beside the new job until the next daemon start.
+            self._suspect(kept.name)
             self._log.error("action.failed", **fields, action="cancel", error=str(exc),
                             retry_at=None)
             report.count("cancel.failed")
             report.errors.append(f"{kept.name}: cancel of superseded job {kept.job_id}: {exc}")
+            if isinstance(exc, CredentialsRejected):
+                # Stop the pass as for any refused credential; the new job's record is
+                # saved, so nothing is given back.
+                raise _IntentStays(exc) from exc
             return
         self._log.info("job.cancelled", **fields, job_state=state)
         report.count("cancel.ok")
