@@ -524,3 +524,51 @@ def test_a_superseded_job_whose_stop_failed_is_stopped_by_the_next_pass(
         assert list(states.values()) in (["Pending"], ["Running"])
         assert store.rows["alpha"].job_id in states
         loop.run(backend.client.aclose())
+
+
+def test_an_update_in_doubt_twice_then_removed_still_stops_its_job(
+        tmp_path: Path, dev: Any) -> None:
+    """An update in place whose PUT was in doubt, confirmed absent, then sent again under a
+    fresh uid and in doubt again (or a kill -9 before that PUT): the fresh intent must keep
+    the job the update lands on. Once the manifest is removed, its absence is confirmed and
+    that job is stopped; before, the fresh intent had no job id, the record was forgotten and
+    the job of the name ran on with no record (docs/design.md, "Update in place")."""
+    from reconciler.domain.plan import PlanPolicy
+    from reconciler.engine.executor import Executor
+    from reconciler.engine.reconcile import Reconciler
+    from reconciler.sources.folder import FolderSource
+    from tests.fakes import FakeStore
+
+    class FlakyPut(OrchestratorBackend):
+        failures = 0
+
+        async def submit(self, manifest: Any, uid: str) -> Any:
+            if self.failures:  # a connection reset before the request left: nothing stored
+                self.failures -= 1
+                raise OutcomeUnknown("submit: reply lost (ReadError)")
+            return await super().submit(manifest, uid)
+
+    server = dev("1.9")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    store = FakeStore()
+    backend = FlakyPut(OrchestratorClient(server.url), mode="name", version="v1.9.3")
+    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
+    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    with asyncio.Runner() as loop:
+        (root / "a.yaml").write_text(envelope("alpha"))
+        (root / "b.yaml").write_text(envelope("beta"))  # the folder never empties
+        loop.run(reconciler.run_pass(executor))
+        [job] = by_name(server)["alpha"]
+
+        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
+        backend.failures = 2  # the update, then its resubmit after the confirmed absence
+        loop.run(reconciler.run_pass(executor))
+        assert store.rows["alpha"].phase == "submitting"  # in doubt: kept for the next pass
+
+        (root / "a.yaml").unlink()
+        loop.run(reconciler.run_pass(executor))
+        assert "alpha" not in store.rows
+        [stopped] = by_name(server)["alpha"]
+        assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
+        loop.run(backend.client.aclose())

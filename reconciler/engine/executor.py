@@ -744,7 +744,11 @@ class Executor:
             report.count("resolve.forgotten")
             return
         assert manifest is not None  # the planner resubmits only a manifest that is there
-        intent = self._submit_intent(manifest, record, record.revision, new_attempt=False)
+        # An update in place keeps the job it lands on (see _intent): dropped here, a second
+        # doubt (or a kill -9 before this PUT) followed by the manifest's removal forgot the
+        # record without stopping that job, which ran on with no record.
+        intent = replace(self._submit_intent(manifest, record, record.revision,
+                                             new_attempt=False), job_id=record.job_id)
         self._store.commit_intents([intent])
         report.count("resolve.resubmitted")
         await self._submit(manifest, intent, report,
