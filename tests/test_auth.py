@@ -474,3 +474,59 @@ def test_a_key_revoked_under_a_running_daemon_stops_it_at_the_next_poll(
     assert event["status"] == 401 and daemon.named("observe.failed") == []
     assert other.stats().get("unauthorized", 0) <= 2
     assert KEY not in "".join(daemon.raw)
+
+
+class DropFirstForcedThenFailLookups(DropFirstForced):
+    """As DropFirstForced, then answers the next name lookups (GET /jobs/alpha) with 503."""
+
+    def __init__(self, lookups: int) -> None:
+        super().__init__()
+        self.lookups = lookups
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if (self.dropped and self.lookups and request.method == "GET"
+                and request.url.path == JOBS + "/alpha"):
+            self.lookups -= 1
+            self.log.append((request.method, request.url.path, None))
+            return httpx.Response(503, text="Server Timeout!", request=request)
+        return await super().handle_async_request(request)
+
+
+def test_no_force_after_an_ambiguous_put_even_when_the_next_lookup_failed(
+        tmp_path: Path, dev_factory: Callable[..., DevProcess]) -> None:
+    """The first PUT after an ambiguous one is never forced, even when the submit made right
+    after the doubt failed at its name lookup (before any PUT): that submit must not use up
+    the doubt, or the next pass's PUT is forced (it was)."""
+    from reconciler.backends.legacy import RetryPolicy
+
+    dev = dev_factory("--bacalhau-version", "1.9", "--job-duration", "600")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    (root / "a.yaml").write_text(envelope("alpha"))
+    transport = DropFirstForcedThenFailLookups(lookups=1)
+
+    async def scenario() -> None:
+        client = OrchestratorClient(dev.url, transport=transport,
+                                    retry=RetryPolicy(attempts=1))
+        backend = OrchestratorBackend(client, mode="name", version="v1.9.3")
+        store = FakeStore()
+        executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
+        reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+        await reconciler.run_pass(executor)
+        [job] = await client.list_jobs("")
+        await client.stop(job["ID"], "stopped by hand")  # ended, same spec: a re-run forces
+        store.rows["alpha"] = Record("alpha", Phase.FAILED, store.rows["alpha"].spec_hash,
+                                     "a.yaml", job_id=job["ID"], uid="old", attempts=1)
+        transport.log.clear()
+        reconciler.policy = PlanPolicy(honour_backoff=False)
+        await reconciler.run_pass(executor)  # forced PUT dropped; resubmit's lookup: 503
+        assert store.rows["alpha"].phase is Phase.ERROR
+        await reconciler.run_pass(executor)  # the first PUT after the doubt
+        await client.aclose()
+
+    (root / "a.yaml").write_text(envelope("alpha", policy="onFailure: resubmit"))
+    asyncio.run(scenario())
+    puts = [force for method, _, force in transport.log if method == "PUT"]
+    assert puts == [True, False]
+    [job] = dev.jobs()
+    assert job["Version"] == 2 and job["State"]["StateType"] in ("Pending", "Running")

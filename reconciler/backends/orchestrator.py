@@ -532,7 +532,9 @@ class OrchestratorBackend:
         free_since = self._free.pop(manifest.name, None)
         now = time.monotonic()
         self._in_doubt = {n: t for n, t in self._in_doubt.items() if now - t < IN_DOUBT_TTL}
-        after_doubt = self._in_doubt.pop(manifest.name, None) is not None
+        # Used up by the PUT below, not here: a submit that fails at its name lookup sends
+        # no PUT, and the next one is still the first after the doubt.
+        after_doubt = manifest.name in self._in_doubt
         for _ in range(3):  # a lost create race (409) is looked up again
             looked_up = free_since is None or now - free_since >= ABSENT_TTL
             # seen free moments ago: a cold sync sends the PUT alone
@@ -549,6 +551,7 @@ class OrchestratorBackend:
             # fresh uid label no difference to the server; never on a cached listing, never
             # on the first PUT after an ambiguous one (docs/design.md, Force).
             force = looked_up and not after_doubt and self._ended_same(existing, manifest)
+            self._in_doubt.pop(manifest.name, None)
             try:
                 job_id = await self.client.put_job(job, force=force)
             except _NameTaken:
