@@ -572,3 +572,62 @@ def test_an_update_in_doubt_twice_then_removed_still_stops_its_job(
         [stopped] = by_name(server)["alpha"]
         assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
         loop.run(backend.client.aclose())
+
+
+def test_a_refused_update_in_place_backs_off_instead_of_being_sent_every_pass(
+        tmp_path: Path, dev: Any) -> None:
+    """A 400 on an update in place (one the offline checks did not foresee) leaves the old
+    job running under its record. It was sent again at every pass, and the daemon follows a
+    pass with changes by another a second later: one refused PUT a second, forever. Now the
+    record waits out a backoff that doubles at each refusal; ``apply`` (no backoff) still
+    tries at once."""
+    from reconciler.backends.errors import InvalidRequest
+    from reconciler.domain.plan import Action, PlanPolicy
+    from reconciler.engine.executor import Executor
+    from reconciler.engine.reconcile import Reconciler
+    from reconciler.sources.folder import FolderSource
+    from reconciler.store.sqlite import Store
+
+    class Refusing(OrchestratorBackend):
+        refusals = 0
+
+        async def submit(self, manifest: Any, uid: str) -> Any:
+            if manifest.spec_hash == refused_hash:
+                self.refusals += 1
+                raise InvalidRequest("submit: HTTP 400: a rule of this server")
+            return await super().submit(manifest, uid)
+
+    server = dev("1.9")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    refused_hash = manifest(envelope("alpha", image="ubuntu:24.04")).spec_hash
+    backend = Refusing(OrchestratorClient(server.url), mode="name", version="v1.9.3")
+    with Store(tmp_path / "state.db") as store, asyncio.Runner() as loop:
+        executor = Executor(store, backend, PlanPolicy(), resolve_delay=0)
+        reconciler = Reconciler(FolderSource(root), store, PlanPolicy())
+        (root / "a.yaml").write_text(envelope("alpha"))
+        loop.run(reconciler.run_pass(executor))
+        [job] = by_name(server)["alpha"]
+
+        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
+        loop.run(reconciler.run_pass(executor))
+        assert backend.refusals == 1
+        [first] = store.records()
+        assert (first.phase, first.job_id) == ("active", job["ID"])  # the old job runs on
+        assert first.next_attempt_at - first.updated_at == pytest.approx(10.0, abs=1)
+        for _ in range(3):  # the daemon's next passes: nothing is sent, the plan waits
+            result = loop.run(reconciler.run_pass(executor))
+            [decision] = result.plan.decisions
+            assert decision.action is Action.WAIT and "update was refused" in decision.reason
+            assert decision.retry_at == first.next_attempt_at
+            assert result.overall == "degraded"  # the job runs the old spec
+        assert backend.refusals == 1
+
+        reconciler.policy = PlanPolicy(honour_backoff=False)  # `apply`: tried at once
+        loop.run(reconciler.run_pass(executor))
+        assert backend.refusals == 2
+        [second] = store.records()
+        assert second.next_attempt_at - second.updated_at == pytest.approx(20.0, abs=1)
+        [still] = by_name(server)["alpha"]
+        assert (still["ID"], still["Version"]) == (job["ID"], 1)
+        loop.run(backend.client.aclose())

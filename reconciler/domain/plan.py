@@ -360,7 +360,7 @@ def _decide_present(
                                 "it again under a fresh uid once it is confirmed absent"),
                        if_absent=Action.RESUBMIT)
     if record.phase in (Phase.ACTIVE, Phase.CANCELLING):
-        outcome = _decide_live(manifest, record, same, decision)
+        outcome = _decide_live(manifest, record, same, decision, policy, now)
     elif not same:
         return decision(Action.SUBMIT, f"spec changed since job {record.job_id or '-'} ended "
                         f"({record.phase})")
@@ -383,7 +383,8 @@ def _follow_manifest(
     return outcome
 
 
-def _decide_live(manifest: Manifest, record: Record, same: bool, decision: _Make) -> Decision:
+def _decide_live(manifest: Manifest, record: Record, same: bool, decision: _Make,
+                 policy: PlanPolicy, now: float) -> Decision:
     if record.phase is Phase.CANCELLING:
         return decision(Action.REPLACE, "an interrupted cancel is finished, then the manifest "
                         "is submitted again")
@@ -392,6 +393,14 @@ def _decide_live(manifest: Manifest, record: Record, same: bool, decision: _Make
     if manifest.policy.on_change == "keep":
         return decision(Action.WAIT, "spec changed; onChange=keep lets the running job finish "
                         "before the new spec is submitted")
+    if policy.honour_backoff and now < record.next_attempt_at:
+        # Only a refused update in place sets a live record's next_attempt_at (engine/
+        # executor.py, _failed): the old job runs on meanwhile.
+        wait = record.next_attempt_at - now
+        return replace(decision(Action.WAIT, f"spec changed, but the last update was refused "
+                                f"({record.last_error or 'no reason given'}); the job runs "
+                                f"its old spec; backing off {wait:.0f}s more"),
+                       retry_at=record.next_attempt_at)
     return decision(Action.REPLACE, "spec changed: cancel the running job, submit the new spec")
 
 

@@ -41,9 +41,11 @@ class PassResult:
     @property
     def failing(self) -> int:
         """Names whose last action failed and waits for a retry (e.g. the requester is
-        unreachable): no job exists for them, so the network is not in line."""
+        unreachable): no job exists for them, or (a refused update in place backing off)
+        their job runs an old spec, so the network is not in line."""
         return sum(1 for d in self.plan.by_action(Action.WAIT)
-                   if d.record is not None and d.record.phase is Phase.ERROR)
+                   if d.record is not None and (d.record.phase is Phase.ERROR or (
+                       d.record.phase is Phase.ACTIVE and d.retry_at is not None)))
 
     @property
     def down(self) -> int:
