@@ -471,7 +471,10 @@ def test_a_key_revoked_under_a_running_daemon_stops_it_at_the_next_poll(
     finally:
         daemon.stop()
     [event] = daemon.named("api.unauthorized")
-    assert event["status"] == 401 and daemon.named("observe.failed") == []
+    assert event["status"] == 401
+    # A poll may fall between the two servers (connection refused: retried); the 401 never
+    # is one of those, it stops the daemon.
+    assert all("cannot connect" in e["error"] for e in daemon.named("observe.failed"))
     assert other.stats().get("unauthorized", 0) <= 2
     assert KEY not in "".join(daemon.raw)
 
