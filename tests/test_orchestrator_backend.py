@@ -631,3 +631,53 @@ def test_a_refused_update_in_place_backs_off_instead_of_being_sent_every_pass(
         [still] = by_name(server)["alpha"]
         assert (still["ID"], still["Version"]) == (job["ID"], 1)
         loop.run(backend.client.aclose())
+
+
+def test_an_update_in_doubt_then_refused_keeps_its_job_recorded(
+        tmp_path: Path, dev: Any) -> None:
+    """An update in place in doubt, confirmed absent, sent again under a fresh uid and then
+    refused (a 400): the job of the name still runs its old spec, so it stays recorded as
+    live (and is stopped when the manifest goes), not as an error record without a job,
+    which the removal forgot while the job ran on."""
+    from reconciler.backends.errors import InvalidRequest
+    from reconciler.domain.plan import PlanPolicy
+    from reconciler.engine.executor import Executor
+    from reconciler.engine.reconcile import Reconciler
+    from reconciler.sources.folder import FolderSource
+    from tests.fakes import FakeStore
+
+    class DoubtThenRefuse(OrchestratorBackend):
+        faults: list[Exception] = []
+
+        async def submit(self, manifest: Any, uid: str) -> Any:
+            if self.faults:
+                raise self.faults.pop(0)
+            return await super().submit(manifest, uid)
+
+    server = dev("1.9")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    store = FakeStore()
+    backend = DoubtThenRefuse(OrchestratorClient(server.url), mode="name", version="v1.9.3")
+    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
+    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    with asyncio.Runner() as loop:
+        (root / "a.yaml").write_text(envelope("alpha"))
+        (root / "b.yaml").write_text(envelope("beta"))  # the folder never empties
+        loop.run(reconciler.run_pass(executor))
+        [job] = by_name(server)["alpha"]
+
+        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
+        backend.faults = [OutcomeUnknown("submit: reply lost (ReadError)"),
+                          InvalidRequest("submit: HTTP 400: a rule of this server")]
+        loop.run(reconciler.run_pass(executor))
+        record = store.rows["alpha"]
+        assert (record.phase, record.job_id) == ("active", job["ID"])
+        assert record.last_error and "400" in record.last_error
+
+        (root / "a.yaml").unlink()
+        loop.run(reconciler.run_pass(executor))
+        assert "alpha" not in store.rows
+        [stopped] = by_name(server)["alpha"]
+        assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
+        loop.run(backend.client.aclose())

@@ -764,9 +764,15 @@ class Executor:
                                              new_attempt=False), job_id=record.job_id)
         self._store.commit_intents([intent])
         report.count("resolve.resubmitted")
+        # Still an update of that job: refused, it is recorded as live again (its spec
+        # unknown here, so "" makes the planner update it after the backoff), not as an
+        # error record without a live job, which a removal would forget without a stop; and
+        # should the PUT create a new job, the old one is stopped, as in _carry_out.
+        kept = (replace(record, phase=Phase.ACTIVE, spec_hash="", job_state=None)
+                if record.job_id is not None else None)
         await self._submit(manifest, intent, report,
                            reason + f"; submitting again under a fresh uid {intent.uid}",
-                           resolve_unknown=False)
+                           resolve_unknown=False, kept=kept)
 
     @staticmethod
     def _fields(record: Record, **extra: Any) -> dict[str, Any]:
