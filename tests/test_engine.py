@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from reconciler.app.cli import main
-from reconciler.backends.errors import InvalidRequest
+from reconciler.backends.errors import InvalidRequest, ServerError
 from reconciler.backends.legacy_jobs import job_annotations
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import Action, PlanPolicy
@@ -310,6 +310,39 @@ def test_a_refused_submit_says_when_it_is_retried_in_iso_8601(rig: Rig) -> None:
     assert failed["action"] == "submit"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", failed["retry_at"])
     assert rig.records()["r"].phase is Phase.ERROR
+
+
+def test_a_failed_cancel_backs_off_instead_of_being_sent_every_pass(rig: Rig) -> None:
+    """A cancel that fails (the requester answers 503) leaves its record cancelling; the next
+    passes wait out a backoff that doubles, rather than sending a DELETE a second (the daemon
+    follows a pass with changes by another one second later), and the pass says degraded."""
+    rig.write("a.yaml", envelope("a"))
+    rig.write("b.yaml", envelope("b"))
+    rig.apply()
+    (rig.root / "a.yaml").unlink()
+    rig.requester.fail_next("cancel", ServerError("cancel: HTTP 503: busy"), times=10**6)
+    applied = rig.apply(backoff_base=60.0)
+    [failed] = applied.named("action.failed")
+    record = rig.records()["a"]
+    assert (failed["action"], record.phase) == ("cancel", Phase.CANCELLING)
+    assert record.next_attempt_at > time.time() + 50
+    assert applied.last.overall == "degraded"
+    assert rig.states("a") == ["New"]
+    # The daemon's next passes: nothing is sent while the backoff runs.
+    calls = len(rig.requester.calls)
+    assert rig.plan_actions(backoff_base=60.0)["a"] is Action.WAIT
+    waiting = rig.apply(backoff_base=60.0)
+    assert len(rig.requester.calls) == calls and waiting.last.overall == "degraded"
+    # Its time comes: the cancel is sent again, fails again, and waits twice as long.
+    rig.store.rows["a"] = replace(rig.store.rows["a"], next_attempt_at=time.time() - 1,
+                                  updated_at=time.time() - 61)
+    again = rig.apply(backoff_base=60.0)
+    assert len(again.named("action.failed")) == 1
+    assert rig.records()["a"].next_attempt_at > time.time() + 110
+    # A one-shot apply tries at once, and succeeds once the requester does.
+    rig.requester.faults.clear()
+    rig.apply(honour_backoff=False)
+    assert rig.states("a") == ["Cancelled"] and "a" not in rig.records()
 
 
 # --- invariant 1: no duplicate jobs -------------------------------------------------------

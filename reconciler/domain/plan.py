@@ -276,7 +276,7 @@ def _decide(
     assert record is not None  # names come from the records, the manifests or the held
     if desired.is_broken(record.path):
         return _held(name, record, f"{record.path} cannot be read or parsed")
-    return _decide_removed(record)
+    return _decide_removed(record, policy, now)
 
 
 def _decide_scheduled(
@@ -386,8 +386,9 @@ def _follow_manifest(
 def _decide_live(manifest: Manifest, record: Record, same: bool, decision: _Make,
                  policy: PlanPolicy, now: float) -> Decision:
     if record.phase is Phase.CANCELLING:
-        return decision(Action.REPLACE, "an interrupted cancel is finished, then the manifest "
-                        "is submitted again")
+        waiting = _cancel_backing_off(record, policy, now, decision)
+        return waiting or decision(Action.REPLACE, "an interrupted cancel is finished, then "
+                                   "the manifest is submitted again")
     if same:
         return decision(Action.NOOP, "unchanged; job is live")
     if manifest.policy.on_change == "keep":
@@ -466,7 +467,7 @@ def _retry(decision: _Make, record: Record, now: float, action: Action, why: str
     return decision(action, f"{why}; attempt {record.attempts + 1}")
 
 
-def _decide_removed(record: Record) -> Decision:
+def _decide_removed(record: Record, policy: PlanPolicy, now: float) -> Decision:
     def decision(action: Action, reason: str) -> Decision:
         return Decision(record.name, action, reason, record.path, record.job_id, record=record)
 
@@ -479,9 +480,24 @@ def _decide_removed(record: Record) -> Decision:
         if record.on_remove == "orphan":
             return decision(Action.FORGET, "manifest removed; onRemove=orphan leaves the job "
                             "running")
-        return decision(Action.CANCEL, "manifest removed")
+        return (_cancel_backing_off(record, policy, now, decision)
+                or decision(Action.CANCEL, "manifest removed"))
     assert record.phase in FINISHED_PHASES
     return decision(Action.FORGET, f"manifest removed; job already ended ({record.phase})")
+
+
+def _cancel_backing_off(record: Record, policy: PlanPolicy, now: float,
+                        decision: _Make) -> Decision | None:
+    """A cancel that failed (engine/executor.py, _failed) is tried again once its backoff
+    is over, not at every pass; the job may still run meanwhile."""
+    if (record.phase is not Phase.CANCELLING or not policy.honour_backoff
+            or now >= record.next_attempt_at):
+        return None
+    wait = record.next_attempt_at - now
+    return replace(decision(Action.WAIT, f"the last cancel of job {record.job_id or '-'} failed "
+                            f"({record.last_error or 'no reason given'}); backing off "
+                            f"{wait:.0f}s more"),
+                   retry_at=record.next_attempt_at)
 
 
 def _guard_mass_cancel(

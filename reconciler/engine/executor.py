@@ -508,13 +508,14 @@ class Executor:
             # Only refusals and requests that never arrived reach here: no job exists.
             record = replace(record, phase=Phase.ERROR,
                              next_attempt_at=now + self._policy.backoff(record.attempts))
-        elif what == "update":
-            # A refused update in place leaves the old job running under its record; the
-            # planner waits for next_attempt_at before it tries again. Without it a refusal
-            # (a 400 the offline checks did not foresee) was sent again at every pass, and the
-            # daemon follows a pass with changes by another a second later: one refused PUT a
-            # second, forever. The delay doubles from the previous one (no count is kept for
-            # a spec that never ran), from backoff_base up to backoff_max.
+        elif what in ("update", "cancel"):
+            # A refused update in place leaves the old job running under its record, and a
+            # failed cancel leaves its record cancelling; the planner waits for
+            # next_attempt_at before it tries again. Without it each was sent again at every
+            # pass, and the daemon follows a pass with changes by another a second later: one
+            # refused PUT or failed DELETE a second, per job, for as long as it fails. The
+            # delay doubles from the previous one (no count is kept for these), from
+            # backoff_base up to backoff_max.
             previous = (record.next_attempt_at - record.updated_at
                         if record.last_error and record.next_attempt_at > record.updated_at > 0
                         else 0.0)

@@ -45,7 +45,8 @@ class PassResult:
         their job runs an old spec, so the network is not in line."""
         return sum(1 for d in self.plan.by_action(Action.WAIT)
                    if d.record is not None and (d.record.phase is Phase.ERROR or (
-                       d.record.phase is Phase.ACTIVE and d.retry_at is not None)))
+                       d.record.phase in (Phase.ACTIVE, Phase.CANCELLING)
+                       and d.retry_at is not None)))
 
     @property
     def down(self) -> int:
