@@ -329,3 +329,5 @@ def test_a_service_that_is_down_makes_the_pass_degraded() -> None:
     assert result("service", Phase.ACTIVE).overall == "ready"
     assert result("batch", Phase.FAILED).overall == "ready"
     assert result("batch", Phase.CANCELLED).overall == "ready"
+    between_runs = result("service", Phase.COMPLETED, schedule="0 3 * * *")
+    assert (between_runs.down, between_runs.overall) == (0, "ready")

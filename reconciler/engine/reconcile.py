@@ -52,10 +52,12 @@ class PassResult:
     def down(self) -> int:
         """Service and daemon manifests whose job has ended and is not being brought back
         this pass (``onFailure: none``, retries used up, or backing off): they are meant to
-        run, so the network is not in line (docs/design.md, "Long-running jobs")."""
+        run, so the network is not in line (docs/design.md, "Long-running jobs"). A scheduled
+        one is between its runs, not down."""
         return sum(1 for d in self.plan.decisions
                    if d.action in (Action.NOOP, Action.WAIT) and d.manifest is not None
-                   and d.manifest.long_running and d.record is not None
+                   and d.manifest.long_running and d.manifest.policy.schedule is None
+                   and d.record is not None
                    and d.record.phase in FINISHED_PHASES
                    and d.record.spec_hash == d.manifest.spec_hash)
 
