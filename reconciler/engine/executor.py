@@ -127,11 +127,12 @@ class _Writes:
     and are saved in one transaction; every other write saves them first, so a later write
     of a name is never overwritten by an earlier outcome.
 
-    Why waiting is safe (docs/design.md, "Intent before effect"): each outcome's intent (the
-    record in ``submitting`` with the uid the job carries) was committed durably before the
-    request was sent. An outcome lost with the process leaves that intent, and the next pass
-    resolves it by uid: the job is found and adopted, never submitted again. The price of a
-    crash is at most ``batch`` lookups by uid, batched like polls."""
+    Why waiting is safe (docs/operations-notes.md, "Intent before effect"; docs/design.md,
+    "Outcomes saved in batches"): each outcome's intent (the record in ``submitting`` with the
+    uid the job carries) was committed durably before the request was sent. An outcome lost
+    with the process leaves that intent, and the next pass resolves it by uid: the job is
+    found and adopted, never submitted again. The price of a crash is at most ``batch``
+    lookups by uid, batched like polls."""
 
     def __init__(self, store: StateStore, batch: int, delay: float) -> None:
         self._store = store
