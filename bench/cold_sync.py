@@ -12,7 +12,9 @@ For each key type and N, each against a fresh dev requester:
               submits at concurrency 8, outcomes saved, events rendered (to /dev/null);
   baseline    build each payload, sign it, send it with plain httpx at concurrency 8;
   transport   the same N requests signed beforehand (the HTTP and server cost alone).
-Target (issue 8): reconciler / baseline <= 1.3. Also prints the dev requester's ceiling.
+Target (issue 8): reconciler / baseline <= 1.3. Also prints the dev requester's ceiling, and
+each side's CPU per job (this process only: the requester runs in another) with their ratio,
+which a machine shared with other work disturbs far less than the wall clock.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.common import key, requester, scratch, table
+from bench.common import Stopwatch, Timed, key, requester, scratch, table, warm_up
 from bench.pgstate import fresh_store, start_server
 from reconciler import events
 from reconciler.app.wiring import open_store
@@ -53,14 +54,14 @@ def write_manifests(root: Path, count: int) -> None:
 
 
 async def reconciler_run(root: Path, state: Path, url: str, signer: Signer,
-                         pg_url: str | None = None) -> float:
+                         pg_url: str | None = None) -> Timed:
     store: StateStore = open_store(state) if pg_url is None else fresh_store(pg_url)
     policy = PlanPolicy()
     async with ApiClient(url, signer) as client:
         executor = Executor(store, LegacyBackend(client), policy, concurrency=CONCURRENCY)
-        started = time.perf_counter()
+        clock = Stopwatch()
         result = await Reconciler(FolderSource(root), store, policy).run_pass(executor)
-        elapsed = time.perf_counter() - started
+        elapsed = clock.read()
     store.close()
     assert result.report.counts["submit.ok"] == len(result.desired.manifests), result.report
     return elapsed
@@ -79,7 +80,7 @@ def payloads(root: Path, signer: Signer, count: int) -> list[dict[str, Any]]:
 
 
 async def send_all(url: str, bodies: list[Any], sign: Signer | None,
-                   concurrency: int = CONCURRENCY) -> float:
+                   concurrency: int = CONCURRENCY) -> Timed:
     semaphore = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
@@ -90,9 +91,9 @@ async def send_all(url: str, bodies: list[Any], sign: Signer | None,
                 assert reply.status_code == 200, reply.text
                 json.loads(reply.content)
 
-        started = time.perf_counter()
+        clock = Stopwatch()
         await asyncio.gather(*(one(body) for body in bodies))
-        return time.perf_counter() - started
+        return clock.read()
 
 
 def measure(directory: Path, key_type: str, count: int,
@@ -110,8 +111,10 @@ def measure(directory: Path, key_type: str, count: int,
     signed = [signed_body(signer, body) for body in bodies]
     with requester(directory) as url:
         transport = asyncio.run(send_all(url, signed, None))
-    return [key_type, count, f"{reconciler:.2f}", f"{baseline:.2f}", f"{transport:.2f}",
-            f"{count / reconciler:.0f}", f"{reconciler / baseline:.2f}"]
+    return [key_type, count, f"{reconciler.wall:.2f}", f"{baseline.wall:.2f}",
+            f"{transport.wall:.2f}", f"{count / reconciler.wall:.0f}",
+            f"{reconciler.wall / baseline.wall:.2f}", f"{reconciler.cpu / count * 1000:.2f}",
+            f"{baseline.cpu / count * 1000:.2f}", f"{reconciler.cpu / baseline.cpu:.2f}"]
 
 
 def ceiling(directory: Path) -> str:
@@ -120,7 +123,7 @@ def ceiling(directory: Path) -> str:
     bodies = [signed_body(signer, b) for b in payloads(directory / "m-1000", signer, 1000)] * 3
     with requester(directory) as url:
         elapsed = asyncio.run(send_all(url, bodies, None, concurrency=64))
-    return f"{len(bodies) / elapsed:.0f}"
+    return f"{len(bodies) / elapsed.wall:.0f}"
 
 
 def main() -> None:
@@ -144,13 +147,15 @@ def run(args: argparse.Namespace, pg_url: str | None) -> None:
             (directory / key_type).mkdir()
             key(directory / key_type, key_type)
         keys, counts = args.keys.split(","), args.counts.split(",")
+        warm_up(directory)
         rows = [measure(directory, k, int(n), pg_url) for k in keys for n in counts]
         # the ceiling reuses the 1,000 RSA manifests measure() generated
         top = ceiling(directory) if "rsa" in keys and "1000" in counts else "-"
     store = "PostgreSQL" if pg_url else "SQLite"
     print(f"Cold sync, {store} store (seconds; concurrency {CONCURRENCY}); "
           "target reconciler/baseline <= 1.3")
-    print(table(["key", "N", "reconciler", "baseline", "transport", "jobs/s", "ratio"], rows))
+    print(table(["key", "N", "reconciler", "baseline", "transport", "jobs/s", "ratio",
+                 "CPU ms/job", "baseline CPU", "CPU ratio"], rows))
     print(f"dev requester ceiling (pre-signed submits, concurrency 64): {top} requests/s")
 
 

@@ -7,8 +7,10 @@ Each against a fresh dev requester (``--bacalhau-version``):
   reconciler  one pass of the real code: read + parse N files, plan, durable intents, in name
               mode a name lookup then a PUT per manifest at concurrency 8 (label mode: the
               PUT alone), outcomes saved, events rendered (to /dev/null);
-  baseline    the same jobs (translated, labelled) PUT with plain httpx at concurrency 8.
-Target: reconciler / baseline <= 1.3.
+  baseline    the same jobs (translated, labelled, prepared beforehand) encoded and PUT with
+              plain httpx at concurrency 8.
+Target: reconciler / baseline <= 1.3. Also each side's CPU per job (this process only: the
+requester runs in another) and their ratio, steadier than the wall clock on a shared machine.
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import argparse
 import asyncio
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.cold_sync import CONCURRENCY, write_manifests
-from bench.common import requester, scratch, table
+from bench.common import Stopwatch, Timed, requester, scratch, table, warm_up
 from reconciler import events
 from reconciler.app.wiring import open_store
 from reconciler.backends.orchestrator import (
@@ -46,15 +47,15 @@ def backend(url: str, version: str) -> OrchestratorBackend:
                                version="v1.9.3" if mode == "name" else "v1.6.0")
 
 
-async def reconciler_run(root: Path, state: Path, url: str, version: str) -> float:
+async def reconciler_run(root: Path, state: Path, url: str, version: str) -> Timed:
     store = open_store(state)
     policy = PlanPolicy()
     jobs = backend(url, version)
     try:
         executor = Executor(store, jobs, policy, concurrency=CONCURRENCY)
-        started = time.perf_counter()
+        clock = Stopwatch()
         result = await Reconciler(FolderSource(root), store, policy).run_pass(executor)
-        elapsed = time.perf_counter() - started
+        elapsed = clock.read()
     finally:
         await jobs.client.aclose()
         store.close()
@@ -62,33 +63,34 @@ async def reconciler_run(root: Path, state: Path, url: str, version: str) -> flo
     return elapsed
 
 
-def bodies(root: Path, count: int, url: str, version: str) -> list[bytes]:
+def bodies(root: Path, count: int, url: str, version: str) -> list[dict[str, Any]]:
     """What the baseline sends: the same jobs, labels and meta (prepared beforehand)."""
     jobs = backend(url, version)
     out = []
     for index in range(count):
         path = root / f"c-{index:05d}.yaml"
         [item] = load_file(path.name, path.read_bytes()).manifests
-        out.append(json.dumps({"Job": jobs.job_of(item, os.urandom(16).hex()),
-                               "Force": False}).encode())
+        out.append({"Job": jobs.job_of(item, os.urandom(16).hex()), "Force": False})
     return out
 
 
-async def put_all(url: str, payloads: list[bytes]) -> float:
+async def put_all(url: str, payloads: list[dict[str, Any]]) -> Timed:
     semaphore = asyncio.Semaphore(CONCURRENCY)
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
     headers = {"Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
                                  headers=headers) as http:
-        async def one(body: bytes) -> None:
+        async def one(body: dict[str, Any]) -> None:
             async with semaphore:
-                reply = await http.put(JOBS, content=body)
+                # Encoded here, as the legacy baseline encodes and signs in its clock: any
+                # client, the reconciler too, turns a job into bytes per request.
+                reply = await http.put(JOBS, content=json.dumps(body).encode())
                 assert reply.status_code == 200, reply.text
                 json.loads(reply.content)
 
-        started = time.perf_counter()
+        clock = Stopwatch()
         await asyncio.gather(*(one(body) for body in payloads))
-        return time.perf_counter() - started
+        return clock.read()
 
 
 def measure(directory: Path, count: int, version: str, repeat: int) -> list[Any]:
@@ -97,16 +99,23 @@ def measure(directory: Path, count: int, version: str, repeat: int) -> list[Any]
     root = directory / f"m-{count}"
     if not root.exists():
         write_manifests(root, count)
-    reconciler = baseline = float("inf")
+    reconciler = baseline = Timed(float("inf"), float("inf"))
     for attempt in range(repeat):
         with requester(directory, "--bacalhau-version", version) as url:
             state = directory / f"state-{version}-{count}-{attempt}.db"
-            reconciler = min(reconciler, asyncio.run(reconciler_run(root, state, url, version)))
+            reconciler = best(reconciler, asyncio.run(reconciler_run(root, state, url, version)))
         with requester(directory, "--bacalhau-version", version) as url:
-            baseline = min(baseline, asyncio.run(put_all(url, bodies(root, count, url,
-                                                                     version))))
-    return [version, count, f"{reconciler:.2f}", f"{baseline:.2f}",
-            f"{count / reconciler:.0f}", f"{reconciler / baseline:.2f}"]
+            baseline = best(baseline, asyncio.run(put_all(url, bodies(root, count, url,
+                                                                      version))))
+    return [version, count, f"{reconciler.wall:.2f}", f"{baseline.wall:.2f}",
+            f"{count / reconciler.wall:.0f}", f"{reconciler.wall / baseline.wall:.2f}",
+            f"{reconciler.cpu / count * 1000:.2f}", f"{baseline.cpu / count * 1000:.2f}",
+            f"{reconciler.cpu / baseline.cpu:.2f}"]
+
+
+def best(a: Timed, b: Timed) -> Timed:
+    """The least wall time and the least CPU of two runs, each on its own."""
+    return Timed(min(a.wall, b.wall), min(a.cpu, b.cpu))
 
 
 def main() -> None:
@@ -118,11 +127,13 @@ def main() -> None:
     with open(os.devnull, "w") as null:
         events.configure("json", "info", null)
         directory = scratch()
+        warm_up(directory)
         rows = [measure(directory, int(n), v, args.repeat) for v in args.versions.split(",")
                 for n in args.counts.split(",")]
     print(f"Cold sync, orchestrator API (seconds, best of {args.repeat}; concurrency "
           f"{CONCURRENCY}); target reconciler/baseline <= 1.3")
-    print(table(["bacalhau", "N", "reconciler", "baseline", "jobs/s", "ratio"], rows))
+    print(table(["bacalhau", "N", "reconciler", "baseline", "jobs/s", "ratio", "CPU ms/job",
+                 "baseline CPU", "CPU ratio"], rows))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,12 +10,31 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
 from reconciler.backends.signing import write_new_key
+
+
+@dataclass(frozen=True)
+class Timed:
+    """Wall-clock and CPU seconds of one side of a benchmark. The CPU is this process's own
+    (the dev requester is another process): on a machine shared with other work it moves far
+    less than the wall clock does, so its ratio is the steadier one (docs/performance.md)."""
+
+    wall: float
+    cpu: float
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> Timed:
+        return Timed(time.perf_counter() - self._wall, time.process_time() - self._cpu)
 
 
 def scratch() -> Path:
@@ -36,6 +56,18 @@ def requester(directory: Path, *args: str) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait()
+
+
+def warm_up(directory: Path) -> None:
+    """One request through httpx's async stack before anything is timed. Its first request
+    imports httpcore, h11 and anyio's backend (~50 ms of CPU), which the side timed first
+    paid and the other did not (docs/performance.md)."""
+    async def one(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            await http.get("/")
+
+    with requester(directory) as url:
+        asyncio.run(one(url))
 
 
 def start_requester(directory: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:

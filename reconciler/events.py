@@ -11,6 +11,7 @@ credentials embedded in URLs, wherever they appear.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -73,11 +74,18 @@ class Redact:
         self, logger: object, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key, value in event_dict.items():
-            if key != "event" and _SENSITIVE.search(key):
+            if key != "event" and _sensitive(key):
                 event_dict[key] = REDACTED
-            elif isinstance(value, str):
-                event_dict[key] = clean(value)
+            elif isinstance(value, str) and ("://" in value or len(value) > MAX_FIELD):
+                event_dict[key] = clean(value)  # else clean() would return it unchanged
         return event_dict
+
+
+@functools.lru_cache(maxsize=1024)
+def _sensitive(key: str) -> bool:
+    """Whether a field's name looks like a secret's. Field names are few and fixed in the
+    code: asked once each, not at every event (docs/performance.md)."""
+    return _SENSITIVE.search(key) is not None
 
 
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}

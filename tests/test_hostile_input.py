@@ -100,6 +100,21 @@ def test_redaction_is_linear_and_bounded(size: int) -> None:
         "git+ssh://[redacted]@h/ 1https://[redacted]@h"
 
 
+def test_sensitive_fields_are_masked_at_every_event(event_stream: io.StringIO) -> None:
+    """Redact asks once per field name whether it looks secret (a cache): every event is
+    still masked, whichever name comes first."""
+    log = structlog.get_logger("t")
+    for _ in range(2):
+        log.warning("api.changed", api_key="k3y", Password="pw", git_token="t0k",
+                    endpoint="https://user:hunter2@host/x", api="orchestrator")
+    lines = [json.loads(line) for line in event_stream.getvalue().splitlines()]
+    assert len(lines) == 2
+    for event in lines:
+        assert event["api_key"] == event["Password"] == event["git_token"] == "[redacted]"
+        assert event["endpoint"] == "https://[redacted]@host/x"
+        assert event["api"] == "orchestrator"
+
+
 def test_every_event_field_is_bounded(event_stream: io.StringIO) -> None:
     huge = "https://user:hunter2@node/" + "n" * 1_000_000
     started = time.perf_counter()

@@ -138,8 +138,9 @@ def test_store_failure_mid_apply_waits_for_every_request_and_never_resubmits(
 
     async def scenario() -> tuple[int, BaseException | None, list[MutableMapping[str, Any]]]:
         with FailingStore(tmp_path / "s.db", fail_at=3) as store, capture_logs() as events:
-            executor = Executor(store, LegacyBackend(requester),
-                                POLICY, confirmations=1, resolve_delay=0)
+            # outcome_batch=1: each outcome its own save, so the third fails mid-apply
+            executor = Executor(store, LegacyBackend(requester), POLICY, confirmations=1,
+                                resolve_delay=0, outcome_batch=1)
             error: BaseException | None = None
             try:
                 await one_pass(tmp_path / "m", store, executor)
@@ -169,7 +170,9 @@ def test_a_failure_among_more_than_256_actions_is_raised_not_dropped(tmp_path: P
     async def scenario() -> BaseException | None:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
         with FailingStore(tmp_path / "s.db", fail_at=5, fail_count=3) as store:
-            executor = Executor(store, LegacyBackend(requester), POLICY, concurrency=16)
+            # outcome_batch=1: three actions fail, each at its own outcome's save
+            executor = Executor(store, LegacyBackend(requester), POLICY, concurrency=16,
+                                outcome_batch=1)
             try:
                 await one_pass(tmp_path / "m", store, executor)
             except StoreError as exc:

@@ -140,18 +140,32 @@ def _fold(key: str) -> str:
     return key.replace("_", "").lower()
 
 
+#: Each model's keys: exact (wire name, field name) and folded, to its wire name. Built once
+#: per model: rebuilt at every call it was a fifth of parsing a manifest (docs/performance.md).
+_KEYS: dict[type[BaseModel], tuple[dict[str, str], dict[str, str]]] = {}
+
+
+def _keys(model: type[BaseModel]) -> tuple[dict[str, str], dict[str, str]]:
+    keys = _KEYS.get(model)
+    if keys is None:
+        exact: dict[str, str] = {}
+        folded: dict[str, str] = {}
+        for name, field in model.model_fields.items():
+            wire = field.alias or name
+            exact[wire] = exact[name] = wire
+            folded[_fold(wire)] = folded[_fold(name)] = wire
+        keys = _KEYS[model] = (exact, folded)
+    return keys
+
+
 def canonical_keys(model: type[BaseModel], data: object) -> object:
     """Rename ``data``'s keys to ``model``'s wire names, matching case and ``_`` loosely."""
     if not isinstance(data, Mapping):
         return data
-    folded: dict[str, str] = {}
-    for name, field in model.model_fields.items():
-        wire = field.alias or name
-        folded[_fold(wire)] = wire
-        folded[_fold(name)] = wire
+    exact, folded = _keys(model)
     out: dict[str, object] = {}
     for key, value in data.items():
-        wire = folded.get(_fold(key), key) if isinstance(key, str) else key
+        wire = (exact.get(key) or folded.get(_fold(key), key)) if isinstance(key, str) else key
         if wire in out:
             raise ValueError(f"{wire}: given twice (keys are case-insensitive)")
         out[wire] = value

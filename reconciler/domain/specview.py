@@ -10,6 +10,7 @@ values still shows, as ``changed (values not shown)``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -52,7 +53,7 @@ def _flatten(value: Any, path: str, view: dict[str, str]) -> None:
                          else [str(e).partition("=")[0] for e in item or ()])
                 view[child] = ", ".join(names)
                 view[child + " (values)"] = f"{_HIDDEN} {_digest(item)}"
-            elif _SENSITIVE.search(str(key)):
+            elif _sensitive(str(key)):
                 view[child] = f"{REDACTED} {_digest(item)}"
             else:
                 _flatten(item, child, view)
@@ -65,8 +66,17 @@ def _flatten(value: Any, path: str, view: dict[str, str]) -> None:
         view[path] = _text(value)
 
 
+@functools.lru_cache(maxsize=1024)
+def _sensitive(key: str) -> bool:
+    """Asked once per key name: a cold sync views every submitted spec (docs/performance.md)."""
+    return _SENSITIVE.search(key) is not None
+
+
 def _text(value: Any) -> str:
-    return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", str(value))
+    text = str(value)
+    if "://" not in text:  # no URL, so no credentials in one
+        return text
+    return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
 
 
 def view_changes(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:

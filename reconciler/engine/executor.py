@@ -6,7 +6,10 @@ Order of every remote effect (docs/operations-notes.md, Intent before effect):
    the intents of up to ``INTENT_BATCH`` actions share one durable commit;
 2. send the request (the backend tags the job with the uid; the legacy API as the annotation
    ``reconciler-uid:<uid>``);
-3. save the outcome (job id and state).
+3. save the outcome (job id and state). The outcomes of submits that succeeded are saved a
+   batch at a time (``OUTCOME_BATCH``, ``OUTCOME_DELAY``; any other write, and the end of the
+   apply, saves them first): the intent already guards each, so one lost in a crash is found
+   again by its uid (docs/performance.md, "Where a cold sync's time went").
 
 A submit whose outcome is unknown (lost reply, 5xx) is resolved by finding its uid; an empty
 answer is not proof of absence, so the lookup is repeated ``confirmations`` times before the
@@ -32,10 +35,11 @@ events (``docs/events.md``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -63,6 +67,10 @@ INTENT_BATCH = 256
 SUSPECT_WINDOW = 600.0
 #: Names per lookup when looking jobs up by name (like uids per poll request).
 NAME_BATCH = 500
+#: Outcomes of successful submits saved together (one transaction), or once the oldest has
+#: waited this long (seconds): a transaction per outcome was a fifth of a cold sync's own CPU.
+OUTCOME_BATCH = 128
+OUTCOME_DELAY = 0.25
 
 #: An intent in doubt, its manifest (None once removed), and what follows a confirmed absence.
 Pending = tuple[Record, Manifest | None, Action]
@@ -112,11 +120,80 @@ class _IntentStays(Exception):
 
 @dataclass
 class _Run:
-    """One apply's bookkeeping: its tasks, the failures met, the actions never started."""
+    """One apply's bookkeeping: its tasks, the failures met, the actions never started.
+
+    A task leaves ``tasks`` when it ends and sets ``ended``, so waiting for room in the window
+    of intents costs the same whatever the number of tasks in flight (``asyncio.wait`` on the
+    whole set hooked and unhooked every task at each end: quadratic, docs/performance.md)."""
 
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     failures: list[BaseException] = field(default_factory=list)
     not_started: list[Decision] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.ended.set()
+
+
+class _Writes:
+    """The executor's writes to the store, in the order it makes them. The outcomes of
+    successful submits wait in ``pending`` (at most ``batch`` of them, or ``delay`` seconds)
+    and are saved in one transaction; every other write saves them first, so a later write
+    of a name is never overwritten by an earlier outcome.
+
+    Why waiting is safe (docs/operations-notes.md, "Intent before effect"; docs/design.md,
+    "Outcomes saved in batches"): each outcome's intent (the record in ``submitting`` with the
+    uid the job carries) was committed durably before the request was sent. An outcome lost
+    with the process leaves that intent, and the next pass resolves it by uid: the job is
+    found and adopted, never submitted again. The price of a crash is at most ``batch``
+    lookups by uid, batched like polls."""
+
+    def __init__(self, store: StateStore, batch: int, delay: float) -> None:
+        self._store = store
+        self._batch = max(1, batch)
+        self._delay = delay
+        self.pending: dict[str, Record] = {}
+        self._oldest = 0.0
+
+    def outcome(self, record: Record) -> None:
+        """Save a submit's outcome, now or with the next batch."""
+        now = time.monotonic()
+        if not self.pending:
+            self._oldest = now
+        self.pending[record.name] = record
+        if len(self.pending) >= self._batch or now - self._oldest >= self._delay:
+            self.flush()
+
+    def flush(self) -> None:
+        """Save the pending outcomes. Should the store refuse them, they are dropped: their
+        intents stay, and the next pass resolves them by uid."""
+        if self.pending:
+            records, self.pending = list(self.pending.values()), {}
+            self._store.save(records)
+
+    def save(self, records: Sequence[Record]) -> None:
+        self.flush()
+        self._store.save(records)
+
+    def commit_intents(
+        self, records: Sequence[Record], *, schedules: Mapping[str, ScheduleState] | None = None,
+        runs: Sequence[Run] = (), keep_runs: Mapping[str, int] | None = None,
+    ) -> None:
+        self.flush()
+        self._store.commit_intents(records, schedules=schedules, runs=runs, keep_runs=keep_runs)
+
+    def forget(self, names: Iterable[str], *, cancelled_at: float | None = None) -> None:
+        self.flush()
+        self._store.forget(names, cancelled_at=cancelled_at)
+
+    def drop_schedules(self, names: Iterable[str]) -> None:
+        self.flush()
+        self._store.drop_schedules(names)
 
 
 class Executor:
@@ -130,8 +207,11 @@ class Executor:
         confirmations: int = 3,
         resolve_delay: float = 0.5,
         clock: Callable[[], float] = time.time,
+        outcome_batch: int = OUTCOME_BATCH,
+        outcome_delay: float = OUTCOME_DELAY,
     ) -> None:
-        self._store = store
+        #: Every write goes through _Writes, which keeps them in order (outcomes batched).
+        self._store = _Writes(store, outcome_batch, outcome_delay)
         self._backend = backend
         self._policy = policy
         self._semaphore = asyncio.Semaphore(concurrency)
@@ -165,8 +245,14 @@ class Executor:
             self._note_failure(run, None, exc)
         except asyncio.CancelledError:  # the shutdown deadline: requests in flight are cut
             await self._cancel_all(run)
+            with contextlib.suppress(StoreError):  # else their intents are resolved by uid
+                self._store.flush()
             raise
         await self._drain(run)
+        try:
+            self._store.flush()  # the outcomes still waiting: none is left for a later pass
+        except StoreError as exc:
+            self._note_failure(run, None, exc)
         self._rollback(run, report)
         if run.failures:
             # A rejected credential first: it is what the caller must act on (stop, exit 78).
@@ -192,7 +278,8 @@ class Executor:
         for start in range(0, len(actions), INTENT_BATCH):
             while len(run.tasks) >= INTENT_BATCH:
                 # The tasks never raise (failures are kept in run), so nothing is dropped here.
-                _, run.tasks = await asyncio.wait(run.tasks, return_when=asyncio.FIRST_COMPLETED)
+                run.ended.clear()
+                await run.ended.wait()
             if self._stopping or run.failures:
                 break
             batch = actions[start : start + INTENT_BATCH]
@@ -212,7 +299,7 @@ class Executor:
             except Exception as exc:
                 self._note_failure(run, name, exc)
 
-        run.tasks.add(asyncio.create_task(kept()))
+        run.add(asyncio.create_task(kept()))
 
     def _note_failure(self, run: _Run, name: str | None, exc: Exception) -> None:
         if isinstance(exc, _IntentStays):
@@ -423,9 +510,9 @@ class Executor:
             return
         # A PUT's reply has no version: a backend may know it (looked up + 1) or leave it to
         # observe (docs/design.md, "The orchestrator backend").
-        self._store.save([replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
-                                  job_state=job.state, last_error=None,
-                                  job_version=job.version, job_message=job.message or None)])
+        self._store.outcome(replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
+                                    job_state=job.state, last_error=None,
+                                    job_version=job.version, job_message=job.message or None))
         self._log.info("job.submitted", **fields | {"job_id": job.job_id})
         report.count("submit.ok")
         if kept is not None and kept.job_id and job.job_id != kept.job_id:

@@ -117,10 +117,17 @@ def test_store_locked_mid_apply_never_duplicates(
     try:
         daemon.wait_event("daemon.started")
         wait_until(lambda: dev.stats().get("/requester/submit", 0) >= 1, timeout=30)
+        # Held until the pass failed, not for a fixed time: outcomes are saved a batch at a
+        # time (every 0.25 s at most), so the first write inside a fixed window could come
+        # late enough into it to outlast it within SQLite's busy timeout and succeed.
         holder = subprocess.Popen([sys.executable, "-c",
                                    "import sys, tests.reliability.test_store_faults as t; "
-                                   "t._hold_lock(sys.argv[1], 6)", str(state)])
+                                   "t._hold_lock(sys.argv[1], 0)", str(state)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         daemon.wait_event("pass.failed", timeout=60)
+        assert holder.stdin is not None
+        holder.stdin.close()
         holder.wait(30)
         wait_until(lambda: len(dev.jobs()) >= count and daemon.quiet(), timeout=120)
         started = time.monotonic()
@@ -130,9 +137,12 @@ def test_store_locked_mid_apply_never_duplicates(
         if holder is not None:
             holder.kill()
             holder.wait()
+            for pipe in (holder.stdin, holder.stdout):
+                if pipe is not None:
+                    pipe.close()
     jobs = dev.jobs()
     result = audit(jobs, {n: f"img:{n}" for n in names})
-    figures("store-locked-mid-apply", manifests=count, latency_s=1.0, lock_s=6,
+    figures("store-locked-mid-apply", manifests=count, latency_s=1.0,
             failed_passes=len(daemon.named("pass.failed")), jobs=len(jobs),
             adopted=len(daemon.named("job.adopted")),
             duplicates_cancelled=len(daemon.named("job.duplicate_cancelled")),

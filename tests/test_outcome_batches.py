@@ -1,0 +1,146 @@
+"""Outcomes saved a batch at a time (engine/executor.py, ``_Writes``; docs/performance.md).
+
+A submit's outcome (job id, state) may wait a moment before it is saved, since its intent,
+committed durably before the request, already guards it: these cases check that the waiting
+outcomes are saved in few transactions, soon, in order with the other writes, and that a crash
+which loses them leaves intents that the next pass resolves by uid, with no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from reconciler.domain.plan import PlanPolicy
+from reconciler.domain.records import Phase, Record
+from reconciler.engine.executor import OUTCOME_BATCH, Executor, _Writes
+from reconciler.engine.reconcile import Reconciler
+from reconciler.sources.folder import FolderSource
+from reconciler.store.sqlite import Store
+from tests.fakes import FakeRequester, FakeStore
+from tests.harness import envelope
+
+POLICY = PlanPolicy(mass_cancel_min=10_000)
+
+
+def folder(root: Path, count: int) -> list[str]:
+    root.mkdir(exist_ok=True)
+    names = [f"job-{i:03d}" for i in range(count)]
+    for name in names:
+        (root / f"{name}.yaml").write_text(envelope(name))
+    return names
+
+
+class CountingStore(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves: list[int] = []  # outcomes (active records) per save call
+
+    def save(self, records: Sequence[Record]) -> None:
+        if any(r.phase is Phase.ACTIVE for r in records):
+            self.saves.append(len(records))
+        super().save(records)
+
+
+def test_the_outcomes_of_a_cold_sync_are_saved_a_batch_at_a_time(tmp_path: Path) -> None:
+    names = folder(tmp_path / "m", 300)
+    store, requester = CountingStore(), FakeRequester()
+    executor = Executor(store.as_store(), requester.backend(), POLICY)
+    result = asyncio.run(Reconciler(FolderSource(tmp_path / "m"), store.as_store(),
+                                    POLICY).run_pass(executor))
+    assert result.report.counts["submit.ok"] == 300
+    # Saved by the end of the apply: every record active, with the job the requester holds.
+    assert sorted(store.rows) == names
+    for name, record in store.rows.items():
+        assert record.phase is Phase.ACTIVE
+        assert [job.job_id for job in requester.named(name)] == [record.job_id]
+    # Not a transaction per outcome (a commit of intents saves those waiting at the time).
+    assert sum(store.saves) == 300
+    assert len(store.saves) <= 300 // OUTCOME_BATCH + 4, store.saves
+
+
+def test_a_waiting_outcome_is_saved_within_the_delay_not_only_at_the_end(
+    tmp_path: Path,
+) -> None:
+    folder(tmp_path / "m", 20)
+    store, requester = FakeStore(), FakeRequester(latency=0.05)
+    executor = Executor(store.as_store(), requester.backend(), POLICY, concurrency=2,
+                        outcome_batch=1000, outcome_delay=0.1)
+    seen: list[int] = []  # active records in the store at each submit's arrival
+    submit = requester.submit
+
+    async def watched(spec: object) -> str:
+        seen.append(sum(r.phase is Phase.ACTIVE for r in store.rows.values()))
+        return await submit(spec)  # type: ignore[arg-type]
+
+    requester.submit = watched  # type: ignore[method-assign]
+    asyncio.run(Reconciler(FolderSource(tmp_path / "m"), store.as_store(),
+                           POLICY).run_pass(executor))
+    assert len(seen) == 20
+    assert seen[-1] > 0, "no outcome was saved before the apply ended"
+    assert all(r.phase is Phase.ACTIVE for r in store.rows.values())
+
+
+def test_every_other_write_saves_the_waiting_outcomes_first() -> None:
+    store = FakeStore()
+    writes = _Writes(store.as_store(), batch=100, delay=3600.0)
+    intent = Record("a", Phase.SUBMITTING, "h", "a.yaml", uid="u1")
+    writes.outcome(Record("a", Phase.ACTIVE, "h", "a.yaml", job_id="j1", uid="u1"))
+    assert store.rows == {}  # waiting
+    failed = Record("a", Phase.ERROR, "h", "a.yaml", uid="u2", last_error="refused")
+    writes.save([failed])
+    assert store.rows["a"] == failed  # the later write wins, not the waiting outcome
+    writes.outcome(Record("a", Phase.ACTIVE, "h", "a.yaml", job_id="j2", uid="u2"))
+    writes.commit_intents([intent])
+    assert store.rows["a"] == intent
+    writes.outcome(Record("b", Phase.ACTIVE, "h", "b.yaml", job_id="j3", uid="u3"))
+    writes.forget(["b"])
+    assert "b" not in store.rows
+
+
+class DyingStore(Store):
+    """A store whose process dies after its first ``keep`` outcome saves: the later outcomes
+    never reach the file (intents do: they are written before each request)."""
+
+    def __init__(self, path: Path, keep: int) -> None:
+        super().__init__(path)
+        self.keep = keep
+
+    def save(self, records: Sequence[Record]) -> None:
+        if self.keep > 0 or not records:
+            self.keep -= bool(records)
+            super().save(records)
+
+
+def test_a_crash_with_outcomes_unsaved_resolves_them_by_uid_with_no_duplicate(
+    tmp_path: Path,
+) -> None:
+    names = folder(tmp_path / "m", 150)
+    requester = FakeRequester()
+
+    async def scenario() -> None:
+        with DyingStore(tmp_path / "s.db", keep=1) as store:
+            executor = Executor(store, requester.backend(), POLICY, outcome_batch=64,
+                                outcome_delay=3600.0)
+            await Reconciler(FolderSource(tmp_path / "m"), store, POLICY).run_pass(executor)
+        with Store(tmp_path / "s.db") as store:  # the restart
+            phases = [r.phase for r in store.records()]
+            assert phases.count(Phase.ACTIVE) == 64  # the one batch saved before the crash
+            assert phases.count(Phase.SUBMITTING) == 150 - 64  # intents, guarding the rest
+            executor = Executor(store, requester.backend(), POLICY)
+            await Reconciler(FolderSource(tmp_path / "m"), store, POLICY).run_pass(executor)
+            records = {r.name: r for r in store.records()}
+        assert sorted(records) == names
+        for name, record in records.items():
+            assert record.phase is Phase.ACTIVE
+            assert [job.job_id for job in requester.named(name)] == [record.job_id]
+
+    with capture_logs() as events:
+        asyncio.run(scenario())
+    assert requester.submitted == 150, "a job was submitted twice"
+    adopted = [e for e in events if e["event"] == "job.adopted"]
+    assert len(adopted) == 150 - 64
+    assert all(e["reason"].startswith("found by uid") for e in adopted)
