@@ -9,6 +9,8 @@ which loses them leaves intents that the next pass resolves by uid, with no dupl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,3 +146,41 @@ def test_a_crash_with_outcomes_unsaved_resolves_them_by_uid_with_no_duplicate(
     adopted = [e for e in events if e["event"] == "job.adopted"]
     assert len(adopted) == 150 - 64
     assert all(e["reason"].startswith("found by uid") for e in adopted)
+
+
+def test_outcomes_waiting_when_the_shutdown_deadline_cuts_the_drain_are_saved(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM: no new action starts, the apply drains those in flight, and the shutdown
+    deadline cancels it while one request still hangs. The outcomes of the submits that
+    succeeded meanwhile are saved before the cancellation goes on (docs/design.md,
+    "Outcomes saved in batches": every apply saves them before it returns, raises or is
+    cancelled); they used to be dropped when the cancel came during the final drain."""
+    names = folder(tmp_path / "m", 5)
+    store, requester = FakeStore(), FakeRequester()
+    executor = Executor(store.as_store(), requester.backend(), POLICY, outcome_batch=1000,
+                        outcome_delay=3600.0)
+    hang, hanging = asyncio.Event(), asyncio.Event()
+    submit = requester.submit
+
+    async def one_hangs(spec: object) -> str:
+        if requester.submitted == len(names) - 1:
+            hanging.set()  # the others answered
+            await hang.wait()  # the last request: never answered before the deadline
+        return await submit(spec)  # type: ignore[arg-type]
+
+    requester.submit = one_hangs  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(Reconciler(FolderSource(tmp_path / "m"), store.as_store(),
+                                              POLICY).run_pass(executor))
+        await hanging.wait()
+        await asyncio.sleep(0.05)  # the apply now waits in its final drain
+        executor.stop()
+        task.cancel()  # the shutdown deadline
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    phases = Counter(r.phase for r in store.rows.values())
+    assert phases == {Phase.ACTIVE: len(names) - 1, Phase.SUBMITTING: 1}, phases

@@ -248,7 +248,14 @@ class Executor:
             with contextlib.suppress(StoreError):  # else their intents are resolved by uid
                 self._store.flush()
             raise
-        await self._drain(run)
+        try:
+            await self._drain(run)
+        except asyncio.CancelledError:
+            # The deadline met in the drain (_drain cancelled the tasks): after SIGTERM no
+            # action starts, so this is where it usually lands. Saved as above, not dropped.
+            with contextlib.suppress(StoreError):
+                self._store.flush()
+            raise
         try:
             self._store.flush()  # the outcomes still waiting: none is left for a later pass
         except StoreError as exc:
