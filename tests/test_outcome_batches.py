@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from reconciler.domain.plan import PlanPolicy
@@ -21,6 +22,7 @@ from reconciler.domain.records import Phase, Record
 from reconciler.engine.executor import OUTCOME_BATCH, Executor, _Writes
 from reconciler.engine.reconcile import Reconciler
 from reconciler.sources.folder import FolderSource
+from reconciler.store.errors import StoreError
 from reconciler.store.sqlite import Store
 from tests.fakes import FakeRequester, FakeStore
 from tests.harness import envelope
@@ -184,3 +186,49 @@ def test_outcomes_waiting_when_the_shutdown_deadline_cuts_the_drain_are_saved(
     asyncio.run(scenario())
     phases = Counter(r.phase for r in store.rows.values())
     assert phases == {Phase.ACTIVE: len(names) - 1, Phase.SUBMITTING: 1}, phases
+
+
+class RefusingStore(FakeStore):
+    """A store that refuses the first save of a batch of outcomes (a full disk, a lost lease)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    def save(self, records: Sequence[Record]) -> None:
+        if not self.refused and len(records) > 1 and all(r.phase is Phase.ACTIVE
+                                                           for r in records):
+            self.refused = len(records)
+            raise StoreError("disk I/O error")
+        super().save(records)
+
+
+def test_a_refused_batch_of_outcomes_fails_the_pass_and_the_next_adopts_them_by_uid(
+    tmp_path: Path,
+) -> None:
+    """The outcomes a store refuses are dropped with the transaction; the pass must fail (not
+    report success over intents left in doubt) and the next pass resolve them by uid: each
+    job adopted, none sent twice."""
+    names = folder(tmp_path / "m", 40)
+    store, requester = RefusingStore(), FakeRequester()
+    reconciler = Reconciler(FolderSource(tmp_path / "m"), store.as_store(), POLICY)
+
+    async def scenario() -> None:
+        executor = Executor(store.as_store(), requester.backend(), POLICY, outcome_batch=16,
+                            outcome_delay=3600.0)
+        with pytest.raises(StoreError):
+            await reconciler.run_pass(executor)
+        assert store.refused == 16
+        in_doubt = [r for r in store.rows.values() if r.phase is Phase.SUBMITTING]
+        assert len(in_doubt) >= 16
+        await reconciler.run_pass(executor)
+
+    with capture_logs() as events:
+        asyncio.run(scenario())
+    assert requester.submitted == len(names), "a job was submitted twice"
+    for name in names:
+        record = store.rows[name]
+        assert record.phase is Phase.ACTIVE
+        assert [job.job_id for job in requester.named(name)] == [record.job_id]
+    adopted = [e for e in events if e["event"] == "job.adopted"]
+    assert len(adopted) >= 16
