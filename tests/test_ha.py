@@ -7,6 +7,7 @@ lease + 5 s with no duplicate and no lost job; a stopped-then-resumed leader sen
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -357,6 +358,13 @@ class _FakeLease:
         self._epoch = None
 
 
+class _RetiringExecutor:
+    """What of the executor a lost lease reaches: it is retired."""
+
+    def retire(self) -> None:
+        pass
+
+
 def test_not_leader_in_a_pass_means_standby_not_a_failure(tmp_path: Path,
                                                           rsa_key: Path) -> None:
     from structlog.testing import capture_logs
@@ -372,7 +380,7 @@ def test_not_leader_in_a_pass_means_standby_not_a_failure(tmp_path: Path,
     with open_store(tmp_path / "s.db") as store:
         daemon = Daemon(settings, load_signer(rsa_key), store, leader=lease)
         daemon._leading = True
-        daemon._executor = object()  # type: ignore[assignment]  # never reached
+        daemon._executor = _RetiringExecutor()  # type: ignore[assignment]
         daemon._watcher = None
         assert daemon.may_act()
 
@@ -422,3 +430,68 @@ def test_the_fence_keeps_the_backends_capabilities() -> None:
     assert fenced.refusal(some) == "a.yaml: job: needs the orchestrator API"
     plain = FencedBackend(cast(Any, object()), lambda: True)
     assert not plain.updates_in_place and plain.refusal(some) is None
+
+
+def test_a_pass_begun_under_a_lost_lease_carries_nothing_on_once_it_leads_again(
+        tmp_path: Path, rsa_key: Path) -> None:
+    """A leader's pass outlives its lease (a renewal failed while a request hung): another
+    daemon may take over, act (resolve this one's intents, replace or remove jobs) and go,
+    and this daemon lead again, all before the pass ends. That pass, planned under the old
+    lease, must then send nothing more and write nothing more: with the lease back, the
+    fenced backend and the fenced store would let it through, and its waiting outcomes
+    (outcomes saved in batches) or its stale plan would overwrite what the other leader
+    recorded, or send a manifest the other already submitted again. Its intents stay for
+    the fresh executor of the new lease to resolve by uid (docs/design.md, "High
+    availability")."""
+    from structlog.testing import capture_logs
+
+    from reconciler.app.wiring import open_store
+    from reconciler.backends.signing import load_signer
+    from reconciler.domain.records import Phase
+    from reconciler.service.daemon import Daemon
+    from reconciler.settings import load_settings
+    from tests.fakes import FakeRequester
+    from tests.harness import envelope
+
+    root = tmp_path / "m"
+    root.mkdir()
+    for i in range(6):
+        path = root / f"job-{i}.yaml"
+        path.write_text(envelope(f"job-{i}"))
+        os.utime(path, (time.time() - 60, time.time() - 60))  # settled
+    settings = load_settings(None, manifests=root, concurrency=1)
+    lease = _FakeLease()
+    requester = FakeRequester()
+    submit = requester.submit
+
+    async def scenario() -> None:
+        release, hanging = asyncio.Event(), asyncio.Event()
+
+        async def second_hangs(spec: object) -> str:
+            if requester.submitted == 1:  # the first answered (its outcome waits)
+                hanging.set()
+                await release.wait()
+            return await submit(spec)  # type: ignore[arg-type]
+
+        requester.submit = second_hangs  # type: ignore[method-assign]
+        daemon._backend = FencedBackend(requester.backend(), daemon.may_act)
+        daemon._executor = daemon._new_executor()
+        daemon._wake = asyncio.Event()
+        pass_ = asyncio.create_task(daemon._guarded_pass())
+        await asyncio.wait_for(hanging.wait(), 10)
+        daemon._lost("renewal failed")
+        lease._epoch = 9  # another leader came and went; this one leads again
+        daemon._acquired(lease)
+        release.set()
+        assert await asyncio.wait_for(pass_, 10) is False
+
+    with open_store(tmp_path / "s.db") as store:
+        daemon = Daemon(settings, load_signer(rsa_key), store, leader=lease)
+        daemon._leading = True
+        daemon._watcher = None
+        with capture_logs() as logs:
+            asyncio.run(scenario())
+        assert requester.submitted == 2, "the old pass went on submitting under the new lease"
+        assert {r.phase for r in store.records()} == {Phase.SUBMITTING}  # nothing stale
+        assert daemon.may_act(), "the pass of the lost lease stepped the new one down"
+        assert [e["event"] for e in logs].count("leader.lost") == 1

@@ -59,7 +59,7 @@ from reconciler.domain.records import Phase, Record, Run
 from reconciler.domain.schedule import ScheduleState
 from reconciler.events import iso_time
 from reconciler.ports import Backend, JobInfo, JobPhase, Refusing, StateStore, UpdatesInPlace
-from reconciler.store.errors import StoreError
+from reconciler.store.errors import NotLeader, StoreError
 
 INTENT_BATCH = 256
 #: How long a name whose submit was in doubt is swept for duplicates: a request the requester
@@ -159,9 +159,22 @@ class _Writes:
         self._delay = delay
         self.pending: dict[str, Record] = {}
         self._oldest = 0.0
+        self._retired = False
+
+    def retire(self) -> None:
+        """Write nothing more: the waiting outcomes are dropped (their intents stay) and
+        every later write raises :class:`NotLeader` (see :meth:`Executor.retire`)."""
+        self._retired = True
+        self.pending = {}
+
+    def _check(self) -> None:
+        if self._retired:
+            raise NotLeader("the lease this pass began under was lost: it writes nothing "
+                            "more (its intents are resolved by uid under the lease held now)")
 
     def outcome(self, record: Record) -> None:
         """Save a submit's outcome, now or with the next batch."""
+        self._check()
         now = time.monotonic()
         if not self.pending:
             self._oldest = now
@@ -172,6 +185,7 @@ class _Writes:
     def flush(self) -> None:
         """Save the pending outcomes. Should the store refuse them, they are dropped: their
         intents stay, and the next pass resolves them by uid."""
+        self._check()
         if self.pending:
             records, self.pending = list(self.pending.values()), {}
             self._store.save(records)
@@ -233,6 +247,18 @@ class Executor:
     def stop(self) -> None:
         """Start no new action; those not started give their intents back (see _rollback)."""
         self._stopping = True
+
+    def retire(self) -> None:
+        """The lease this executor acted under is lost: start no new action and write
+        nothing more, whatever the lease does next. A pass can outlive its lease (a request
+        hanging while the renewal failed); should this daemon lead again before it ends, the
+        fenced backend and store (docs/design.md, "High availability") would let it go on
+        under the new lease, with a plan and waiting outcomes from before another leader
+        acted: an outcome saved over that leader's newer record, a manifest it submitted sent
+        again. The daemon builds a fresh executor for the new lease; this one's intents are
+        resolved by uid there, as after a crash."""
+        self._stopping = True
+        self._store.retire()
 
     async def apply(self, plan: Plan) -> ApplyReport:
         """Carry the plan out. Returns (or raises the first failure) only once every request

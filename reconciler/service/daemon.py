@@ -350,7 +350,10 @@ class Daemon:
         except (StoreError, RequesterError, OSError) as exc:
             if self._leader is not None and (isinstance(exc, NotLeader) or not self.may_act()):
                 # Fenced out mid-pass: stop acting and stand by; not a failure of this daemon.
-                self._lost(str(exc) or type(exc).__name__)
+                # A retired executor's pass (its lease was lost, already reported) does not
+                # step down the lease this daemon may hold again by now.
+                if executor is None or executor is self._executor:
+                    self._lost(str(exc) or type(exc).__name__)
                 return False
             self._pass_failed(exc)
             return False
@@ -606,6 +609,10 @@ class Daemon:
         was_leading = self._leading
         self._leading = False
         self._leader.step_down()
+        if self._executor is not None:
+            # A pass still running began under this lease: it starts and writes nothing more,
+            # even should this daemon lead again before it ends (Executor.retire).
+            self._executor.retire()
         self._metrics.set("reconciler_leader", 0)
         if was_leading:
             self._log.warning("leader.lost", instance=self._leader.instance, reason=reason)
