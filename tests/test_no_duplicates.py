@@ -386,3 +386,42 @@ def test_a_cancelled_apply_cuts_its_requests_and_leaves_none_running(tmp_path: P
             return time.perf_counter() - started
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_a_failed_cancel_of_a_duplicate_keeps_the_recorded_job_recorded(tmp_path: Path) -> None:
+    """The sweep finds a second live job for a recorded name and its cancel fails (a 503).
+    The record must still name the job it kept: the failure used to be saved as the name's
+    record with the duplicate's job id, so the kept job became unrecorded and the next sweep
+    cancelled it, leaving the duplicate (which may run an older spec) under the record."""
+    from reconciler.backends.errors import ServerError
+
+    folder(tmp_path / "m", 2)
+    requester = FakeRequester()
+    cancel = requester.cancel
+    refused: list[str] = []
+
+    async def unavailable_once(job_id: str, reason: str) -> str:
+        if not refused:
+            refused.append(job_id)
+            raise ServerError("cancel: HTTP 503: Server Timeout! (test)", status=503)
+        return await cancel(job_id, reason)
+
+    async def scenario() -> dict[str, Record]:
+        with Store(tmp_path / "s.db") as store:
+            await one_pass(tmp_path / "m", store, Executor(store, LegacyBackend(requester), POLICY))
+            kept = {r.name: r for r in store.records()}["job-000"].job_id
+            [job] = [j for j in requester.jobs.values() if j.job_id == kept]
+            requester._store((*job.annotations[:2], NAME_TAG + "job-000"))  # a duplicate
+            requester.cancel = unavailable_once  # type: ignore[method-assign]
+            executor = Executor(store, LegacyBackend(requester), POLICY)
+            await one_pass(tmp_path / "m", store, executor)  # the sweep: its cancel fails
+            assert refused and refused[0] != kept
+            assert {r.name: r for r in store.records()}["job-000"].job_id == kept
+            await one_pass(tmp_path / "m", store, executor)  # a suspect: swept again
+            return {r.name: r for r in store.records()}
+
+    records = asyncio.run(scenario())
+    assert requester.live_per_name() == Counter({"job-000": 1, "job-001": 1})
+    job_id = records["job-000"].job_id
+    assert job_id is not None and requester.jobs[job_id].state == "New"
+    assert requester.jobs[refused[0]].state == "Cancelled"

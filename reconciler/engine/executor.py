@@ -583,8 +583,13 @@ class Executor:
         self._log.info("job.cancelled", **fields, job_state=state)
         report.count("cancel.ok")
 
-    async def _cancel(self, record: Record, reason: str, report: ApplyReport) -> bool:
-        """Cancel a recorded job; True once the job is surely not running any more."""
+    async def _cancel(self, record: Record, reason: str, report: ApplyReport,
+                      *, duplicate: bool = False) -> bool:
+        """Cancel a recorded job; True once the job is surely not running any more.
+        ``duplicate``: ``record`` is the name's record with a duplicate's job id, not a
+        record to save: a failure leaves the store alone (saved, it recorded the duplicate
+        in place of the kept job, which the next sweep then cancelled) and makes the name a
+        suspect, so the sweep of the next passes tries again."""
         fields = self._fields(record, reason=reason)
         if record.job_id is None:
             return True
@@ -597,6 +602,14 @@ class Executor:
         except CredentialsRejected:
             raise  # nothing was stopped; a configuration error (see apply)
         except RequesterError as exc:
+            if duplicate:
+                self._suspect(record.name)
+                self._log.error("action.failed", **fields, action="cancel", error=str(exc),
+                                retry_at=None)
+                report.count("cancel.failed")
+                report.errors.append(f"{record.name}: cancel of duplicate {record.job_id}: "
+                                     f"{exc}")
+                return False
             self._failed(record, "cancel", exc, report)
             return False
         self._log.info("job.cancelled", **fields, job_state=state)
@@ -791,7 +804,7 @@ class Executor:
         for duplicate in extra:  # ours by annotation, and one live job per name is enough
             cancel = replace(kept, job_id=duplicate.job_id, uid=duplicate.uid or None)
             reason = f"a second live job for {kept.name} ({why}: {kept.job_id})"
-            if await self._cancel(cancel, reason, report):
+            if await self._cancel(cancel, reason, report, duplicate=True):
                 self._log.warning("job.duplicate_cancelled", **self._fields(cancel),
                                   kept_job_id=kept.job_id, reason=reason)
                 report.count("duplicate.cancelled")
