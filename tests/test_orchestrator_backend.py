@@ -681,3 +681,53 @@ def test_an_update_in_doubt_then_refused_keeps_its_job_recorded(
         [stopped] = by_name(server)["alpha"]
         assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
         loop.run(backend.client.aclose())
+
+
+def test_a_crash_between_a_superseding_put_and_its_stop_is_resolved_with_the_stop(
+        tmp_path: Path, dev: Any) -> None:
+    """The update by name created a second job (the old one unknown to the name index) and
+    the daemon died before it stopped the old one, its outcome unsaved (outcomes wait to be
+    saved in batches). At the restart the intent, which keeps the old job id, is resolved by
+    uid and the new job adopted: the old one must be stopped then, as _submit would have.
+    The first sweep skips intents (names in submitting) and later sweeps only suspects, so
+    both jobs ran on until the next restart."""
+    from reconciler.domain.plan import Action, PlanPolicy
+    from reconciler.domain.records import Phase, Record
+    from reconciler.engine.executor import Executor
+    from reconciler.engine.reconcile import Reconciler
+    from reconciler.sources.folder import FolderSource
+    from tests.fakes import FakeStore
+
+    server = dev("1.9")
+    root = tmp_path / "manifests"
+    root.mkdir()
+    store = FakeStore()
+    backend = OrchestratorBackend(OrchestratorClient(server.url), mode="name", version="v1.9.3")
+    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    with asyncio.Runner() as loop:
+        (root / "a.yaml").write_text(envelope("alpha"))
+        loop.run(reconciler.run_pass(Executor(store.as_store(), backend, PlanPolicy())))
+        [old] = by_name(server)["alpha"]
+        orchestrator = server.thread.app.orchestrator
+        assert orchestrator is not None
+        orchestrator.store._index.clear()  # a job from before v1.8, as after an upgrade
+
+        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
+        _, plan = reconciler.plan()
+        [replace_] = plan.changes
+        assert replace_.action is Action.REPLACE and replace_.manifest is not None
+        # What the dead daemon left: its intent (with the old job id), and the PUT's job.
+        intent = Record("alpha", Phase.SUBMITTING, replace_.manifest.spec_hash, "a.yaml",
+                        job_id=old["ID"], uid="c0ffee" * 5, attempts=1)
+        store.rows["alpha"] = intent
+        loop.run(backend.submit(replace_.manifest, "c0ffee" * 5))
+        assert len(by_name(server)["alpha"]) == 2
+
+        result = loop.run(reconciler.run_pass(Executor(store.as_store(), backend,
+                                                       PlanPolicy(), resolve_delay=0)))
+        assert result.report.counts["resolve.adopted"] == 1
+        states = {j["ID"]: j["State"]["StateType"] for j in by_name(server)["alpha"]}
+        assert states.pop(old["ID"]) == "Stopped"
+        [(new_id, state)] = states.items()
+        assert state in ("Pending", "Running") and store.rows["alpha"].job_id == new_id
+        loop.run(backend.client.aclose())

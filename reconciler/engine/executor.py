@@ -875,6 +875,11 @@ class Executor:
                        reason=f"found by uid {record.uid}")
         report.count("resolve.adopted")
         await self._cancel_duplicates(adopted, extra, "the first job is kept", report)
+        if record.job_id and keep.job_id != record.job_id:
+            # An update in place (its intent keeps the job it lands on) that created a job
+            # instead: stopped as _submit stops it. Not left to the sweep: after a restart the
+            # first sweep skips names in submitting, and later ones sweep only suspects.
+            await self._stop_superseded(record, keep.job_id, report)
 
     async def _after_confirmed_absence(
         self, record: Record, manifest: Manifest | None, then: Action, report: ApplyReport
