@@ -194,3 +194,16 @@ def test_an_orchestrator_job_reports_its_version_and_a_bounded_scrubbed_message(
     assert "pw@" not in info.message and len(info.message) < MESSAGE_LIMIT + 50
     odd = job_info({"ID": "j-2", "Version": True, "State": {"StateType": "Running"}})
     assert (odd.version, odd.message) == (None, "")  # not a number: no version
+
+
+def test_a_poll_whose_lease_changed_meanwhile_saves_nothing() -> None:
+    """The records were read before the requests: a daemon that lost its lease during them
+    and leads again would write them over what another leader recorded in between."""
+    store = FakeStore([_live("a", job_state="Running")])
+    jobs = Jobs()
+    jobs.set("j-a", "Stopped", phase=JobPhase.CANCELLED)
+    counts = asyncio.run(observe(store.as_store(), jobs, PlanPolicy(), still_ours=lambda: False))
+    assert counts == Counter() and store.rows_saved == 0
+    assert store.rows["a"].job_state == "Running"
+    _poll(store, jobs)  # the next poll, still ours, reads afresh and records it
+    assert store.rows["a"].job_state == "Stopped"

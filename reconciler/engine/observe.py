@@ -38,8 +38,15 @@ async def observe(
     backend: Backend,
     policy: PlanPolicy,
     clock: Callable[[], float] = time.time,
+    *,
+    still_ours: Callable[[], bool] = lambda: True,
 ) -> Counter[str]:
-    """Refresh the recorded state of every active job; returns counts of what changed."""
+    """Refresh the recorded state of every active job; returns counts of what changed.
+
+    ``still_ours``: asked before anything is saved. The records were read before the
+    requests; a daemon that lost its lease meanwhile and leads again (a later epoch) would
+    write them over what another leader recorded in between, so then nothing is saved and
+    the next poll reads afresh (docs/design.md, "High availability")."""
     log = structlog.get_logger("reconciler.engine.observe")
     active = [r for r in store.records() if r.phase is Phase.ACTIVE and r.job_id]
     if not active:
@@ -79,6 +86,8 @@ async def observe(
                     name=record.name, job_id=record.job_id, path=record.path,
                     job_state=state, job_message=updated.job_message or "",
                     reason=_reason(updated.phase))
+    if not still_ours():
+        return Counter()
     store.save(updates)
     return counts
 

@@ -414,9 +414,13 @@ class Daemon:
         """Refresh live jobs; True when something changed that a pass should act on."""
         if not self.may_act():  # a standby records nothing: the leader observes
             return False
+        epoch = self._leader.epoch if self._leader is not None else None
         with self._poll.measuring():
             try:
-                counts: Counter[str] = await observe(self._store, self._backend, self._policy())
+                counts: Counter[str] = await observe(
+                    self._store, self._backend, self._policy(),
+                    still_ours=lambda: self.may_act() and (
+                        self._leader is None or self._leader.epoch == epoch))
             except CredentialsRejected:
                 raise  # the daemon stops (run)
             except (RequesterError, StoreError) as exc:
