@@ -1,0 +1,60 @@
+"""The manifest loader's plain YAML walk (domain/manifest.py, ``_plain``) gives exactly what
+PyYAML's SafeLoader gives, and leaves everything else to it (docs/performance.md)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from reconciler.domain import manifest as loader_module
+from reconciler.domain.manifest import load_file
+
+DOCUMENTS = [
+    "a: 1\nb: two\nc: [x, 'y', \"z\"]\nd: {e: null, f: ~, g: true, h: no, i: 1.5}\n",
+    "n: 0x1F\no: 0o17\np: 1_000\nq: -.inf\ns: 1:30\nt: '007'\nu: 2026-12-01\n",
+    "dup: 1\ndup: 2\n1: int key\ntrue: bool key\nnull: null key\n",
+    "base: &b {x: 1}\nuse: *b\nmerged: {<<: *b, y: 2}\n",
+    "bin: !!binary aGVsbG8=\nset: !!set {a, b}\nomap: !!omap [{a: 1}]\n",
+    "---\nfirst: 1\n---\nsecond: [2, {deep: [3]}]\n...\n",
+    "list:\n- - - nested\n- ''\n- \"\\u00e9\\t\"\n",
+    "x: " + "[" * 400 + "]" * 400 + "\n",
+]
+
+
+def values(text: str) -> list[object]:
+    return [doc.value for doc in loader_module._documents("m.yaml", text)]
+
+
+@pytest.mark.parametrize("text", DOCUMENTS)
+def test_values_are_pyyaml_safe_loader_values(text: str) -> None:
+    expected = list(yaml.load_all(text, Loader=yaml.CSafeLoader))  # SafeLoader with a C parser
+    got = values(text)
+    assert got == expected
+
+
+def test_plain_manifest_is_not_constructed_by_pyyaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain walk is what reads an ordinary manifest (PyYAML's constructor is not asked)."""
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise AssertionError("constructed by PyYAML")
+
+    monkeypatch.setattr(yaml.constructor.BaseConstructor, "construct_document", refuse)
+    text = ("apiVersion: reconciler/v1\nkind: Job\nmetadata: {name: plain}\n"
+            "spec:\n  engine: docker\n  publisher: ipfs\n  docker: {image: \"ubuntu\"}\n"
+            "policy: {maxRetries: 2}\n")
+    result = load_file("plain.yaml", text.encode())
+    assert not result.errors and result.manifests[0].policy.max_retries == 2
+
+
+def test_alias_bomb_still_refused() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]
+    result = load_file("bomb.yaml", ("\n".join(lines) + "\n").encode())
+    assert [e.message for e in result.errors] == [
+        f"document expands to more than {loader_module.MAX_NODES} values; refused"]
+
+
+@pytest.mark.parametrize("text", [b"a: !!python/object:os.system x\n",
+                                  b"? [complex, key]\n: value\n"])
+def test_what_pyyaml_refuses_is_one_line_error(text: bytes) -> None:
+    [error] = load_file("bad.yaml", text).errors
+    assert str(error) == "bad.yaml:1: file: invalid YAML: ConstructorError"
