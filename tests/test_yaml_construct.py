@@ -58,3 +58,14 @@ def test_alias_bomb_still_refused() -> None:
 def test_what_pyyaml_refuses_is_one_line_error(text: bytes) -> None:
     [error] = load_file("bad.yaml", text).errors
     assert str(error) == "bad.yaml:1: file: invalid YAML: ConstructorError"
+
+
+def test_plain_document_counted_as_before() -> None:
+    """Without aliases each node is one value: the plain walk's count is _check_size's."""
+    limit = loader_module.MAX_NODES
+    at_limit = "[" + "1," * (limit - 1) + "]\n"  # the list and its items: exactly the limit
+    over = "[" + "1," * limit + "]\n"
+    assert [e.message for e in load_file("a.yaml", at_limit.encode()).errors] == [
+        "must be a mapping"]
+    assert [e.message for e in load_file("b.yaml", over.encode()).errors] == [
+        f"document expands to more than {limit} values; refused"]

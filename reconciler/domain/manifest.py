@@ -391,9 +391,15 @@ def _construct(loader: Any, node: yaml.Node) -> object:
         try:
             # The plain walk first: PyYAML's constructor is pure Python, about a fifth of
             # parsing a manifest (docs/performance.md).
-            value = _plain(loader, node, set())
+            seen: set[int] = set()
+            value = _plain(loader, node, seen)
         except (_NotPlain, RecursionError):  # PyYAML's own walk is not recursive
             value = loader.construct_document(node)
+        else:
+            # No alias on the plain walk: every node is one value, counted as _check_size does.
+            if len(seen) > MAX_NODES:
+                raise _ParseError(f"document expands to more than {MAX_NODES} values; refused")
+            return value
     except RecursionError:
         raise _ParseError("invalid YAML: nested too deeply", node.start_mark.line + 1) from None
     except yaml.YAMLError as exc:
