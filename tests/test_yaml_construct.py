@@ -69,3 +69,29 @@ def test_plain_document_counted_as_before() -> None:
         "must be a mapping"]
     assert [e.message for e in load_file("b.yaml", over.encode()).errors] == [
         f"document expands to more than {limit} values; refused"]
+
+
+JSON_MANIFEST = """{
+  "apiVersion": "reconciler/v1",
+  "kind": "Job",
+  "metadata": {"name": "from-json"},
+  "spec": {"engine": "docker", "publisher": "ipfs",
+           "docker": {"image": "ubuntu", "imgae": "x"}}
+}
+"""
+
+
+def test_valid_json_manifest_is_not_composed_as_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON file's YAML node is only for the line numbers of errors (docs/performance.md)."""
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise AssertionError("composed")
+
+    monkeypatch.setattr(yaml, "compose", refuse)
+    valid = JSON_MANIFEST.replace(', "imgae": "x"', "")
+    result = load_file("from-json.json", valid.encode())
+    assert not result.errors and result.manifests[0].name == "from-json"
+
+
+def test_broken_json_manifest_still_names_the_line() -> None:
+    [error] = load_file("from-json.json", JSON_MANIFEST.encode()).errors
+    assert str(error).startswith("from-json.json:6: spec.Docker.imgae: ")

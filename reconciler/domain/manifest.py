@@ -321,11 +321,29 @@ class _ParseError(ValueError):
         self.line = line
 
 
-@dataclass(frozen=True)
 class _Document:
-    value: object
-    node: yaml.Node | None
-    line: int
+    """One document's value, and its YAML node for the line numbers of errors."""
+
+    __slots__ = ("_node", "_text", "line", "value")
+
+    def __init__(self, value: object, node: yaml.Node | None, line: int,
+                 text: str | None = None) -> None:
+        self.value = value
+        self.line = line
+        self._node = node
+        #: A JSON file's text, composed only if an error asks for a line: a valid file never
+        #: is (composing it cost as much as parsing it: docs/performance.md).
+        self._text = text
+
+    @property
+    def node(self) -> yaml.Node | None:
+        if self._text is not None:
+            text, self._text = self._text, None
+            try:
+                self._node = yaml.compose(text, Loader=_COMPOSER)
+            except (yaml.YAMLError, RecursionError):
+                self._node = None
+        return self._node
 
 
 def _documents(path: str, text: str) -> Iterator[_Document]:
@@ -367,11 +385,7 @@ def _json_document(text: str) -> _Document:
         raise _ParseError(f"invalid JSON: {exc.msg}", exc.lineno) from None
     except RecursionError:
         raise _ParseError("invalid JSON: nested too deeply") from None
-    try:
-        node: yaml.Node | None = yaml.compose(text, Loader=_COMPOSER)  # for line numbers
-    except (yaml.YAMLError, RecursionError):
-        node = None
-    return _Document(value, node, 1)
+    return _Document(value, None, 1, text)
 
 
 _STR_TAG = "tag:yaml.org,2002:str"
