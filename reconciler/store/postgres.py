@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import astuple, fields, replace
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +46,7 @@ from reconciler.store.sqlite import (
     SCHEMA_VERSION,
     _schedule_row,
     _schedule_state,
+    _stamped,
 )
 
 SCHEMA = "reconciler"
@@ -489,7 +490,7 @@ class PostgresStore:
                     cur.executemany(sql, rows)
         if self._cache is not None:
             for record in records:
-                self._cache[record.name] = replace(record, updated_at=now)
+                self._cache[record.name] = _stamped(record, now)
 
     def _write_one(self, record: Record, now: float, updates: str) -> None:
         """One record (an outcome, saved per request): the fence check and the upsert in one
