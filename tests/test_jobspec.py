@@ -582,3 +582,14 @@ def test_v1beta1_specs_round_trip_through_the_orchestrator_form(spec: dict[str, 
     assert isinstance(job, dict), job
     back = to_legacy(Manifest.of_job("prop", parse_job(job), "prop.yaml"))
     assert back == manifest.wire()
+
+
+def test_hygiene_without_copy_changes_the_callers_own_job_in_place() -> None:
+    """What a backend does with a fresh translation: no deep copy per submit
+    (docs/performance.md)."""
+    fresh = {"Type": "batch", "Tasks": [{"Name": "main", "Engine": {"Type": "Docker"}}]}
+    task = fresh["Tasks"][0]
+    clean = hygienic(fresh, (1, 9), copy=False)
+    assert clean["Tasks"][0] is task and task["Engine"] == {"Type": "docker"}
+    assert clean == hygienic({"Type": "batch", "Tasks": [{"Name": "main",
+                                                           "Engine": {"Type": "Docker"}}]})

@@ -731,3 +731,22 @@ def test_a_crash_between_a_superseding_put_and_its_stop_is_resolved_with_the_sto
         [(new_id, state)] = states.items()
         assert state in ("Pending", "Running") and store.rows["alpha"].job_id == new_id
         loop.run(backend.client.aclose())
+
+
+def test_job_of_each_uid_has_its_own_labels_and_the_translation_is_kept() -> None:
+    """job_of shares the cached translation's nested values (no deep copy per submit): the
+    keys it sets are each job's own, and the cache is never changed by them."""
+    backend = OrchestratorBackend(OrchestratorClient("http://127.0.0.1:9"), mode="name",
+                                  version="v1.6.0")
+    [item] = load_file("a.yaml", envelope("a").encode()).manifests
+    first, second = backend.job_of(item, "uid1"), backend.job_of(item, "uid2")
+    assert first["Labels"]["reconciler-uid"] == "uid1"
+    assert second["Labels"]["reconciler-uid"] == "uid2"
+    assert first["Tasks"] == second["Tasks"]
+    assert first["Tasks"][0]["Network"] == {"Type": "None"}  # v1.6's own default, spelled out
+    assert first["Tasks"][0]["Engine"]["Type"] == "docker"
+    assert first["Meta"]["reconciler/spec"] == item.spec_hash
+    cached = backend._translate(item)
+    assert isinstance(cached, dict)
+    assert "reconciler-uid" not in cached.get("Labels", {}) and "Name" not in cached
+    asyncio.run(backend.client.aclose())

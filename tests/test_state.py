@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from reconciler.app.wiring import open_store
 from reconciler.domain.records import Phase, Record
+from reconciler.store import sqlite as sqlite_store
 from reconciler.store.sqlite import SCHEMA_VERSION, Store, StoreLocked, StoreTooNew
 
 
@@ -175,3 +177,23 @@ def test_version_1_store_is_migrated_with_its_records(tmp_path: Path) -> None:
         assert [r.name for r in store.records()] == ["kept"]
         assert store.policies() == [] and store.approvals() == []
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_cached_records_are_stamped_copies_without_dataclasses_replace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write-through cache keeps each written record as written, stamped with its write
+    time, as the database has it; a copy, not ``dataclasses.replace`` (docs/performance.md)."""
+    with open_store(tmp_path / "state.db") as store:
+        store.records()  # the cache is filled from here on
+        def refuse(*args: object, **kwargs: object) -> object:
+            raise AssertionError("dataclasses.replace")
+
+        monkeypatch.setattr(sqlite_store, "replace", refuse, raising=False)
+        written = record("a")
+        store.save([written])
+        [cached] = store.records()
+        assert cached is not written and written.updated_at == 0.0 and cached.updated_at > 0
+        assert dataclasses.asdict(cached) | {"updated_at": 0.0} == dataclasses.asdict(written)
+        monkeypatch.undo()
+    with open_store(tmp_path / "state.db") as reopened:
+        assert reopened.records() == [cached]

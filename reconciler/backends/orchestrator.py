@@ -503,7 +503,12 @@ class OrchestratorBackend:
         if outcome is None:
             if len(self._translated) >= TRANSLATIONS_KEPT:
                 self._translated.clear()
-            outcome = self._translated[key] = to_orchestrator(manifest)
+            outcome = to_orchestrator(manifest)
+            if not isinstance(outcome, LoadError):
+                # Made sendable once, here: to_orchestrator returns a new dict at each call,
+                # so hygienic() need not copy it first.
+                outcome = hygienic(outcome, self._version_tuple, copy=False)
+            self._translated[key] = outcome
         return outcome
 
     def _ours(self, job: Mapping[str, Any]) -> bool:
@@ -514,10 +519,12 @@ class OrchestratorBackend:
         return ",".join([f"{MANAGED_BY}={MANAGER}", f"{INSTANCE_LABEL}={self.instance}", *more])
 
     def job_of(self, manifest: Manifest, uid: str) -> dict[str, Any]:
-        outcome = self._translate(manifest)  # hygienic() copies: the cached value is kept
+        outcome = self._translate(manifest)
         if isinstance(outcome, LoadError):
             raise InvalidRequest(str(outcome))
-        job = hygienic(outcome, self._version_tuple)
+        # A shallow copy: the keys set below get new values; the nested ones are the cached
+        # translation's, only ever read (encoded) after this.
+        job = dict(outcome)
         job["Name"] = manifest.name
         job["Namespace"] = self.client.namespace
         job["Labels"] = {**(job.get("Labels") or {}), MANAGED_BY: MANAGER,

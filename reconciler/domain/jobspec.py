@@ -355,13 +355,17 @@ def job_hash(job: Job) -> str:
     return hash_wire(canonical_json(job_wire(job)))
 
 
-def hygienic(wire: Mapping[str, Any], version: tuple[int, int] = NEWEST) -> dict[str, Any]:
+def hygienic(wire: Mapping[str, Any], version: tuple[int, int] = NEWEST, *,
+             copy: bool = True) -> dict[str, Any]:
     """A job as a backend sends it to a server of ``version`` (docs/wire-orchestrator.md
     section 9): ``Type``, ``Count`` and every task's ``Network.Type`` always present, engine,
     publisher and source types lower-case, and no ``ID``, ``State``, other output fields or
     ``bacalhau.org/`` meta (job and task). An omitted network is sent as the server version's
-    own default spelled out: ``None`` before v1.7, ``Default`` from it."""
-    job: dict[str, Any] = {key: value for key, value in _copy(wire).items()
+    own default spelled out: ``None`` before v1.7, ``Default`` from it.
+
+    ``copy=False``: ``wire`` is the caller's own (a fresh translation) and its nested values
+    are changed in place, not copied first (a deep copy per submit: docs/performance.md)."""
+    job: dict[str, Any] = {key: value for key, value in (_copy(wire) if copy else wire).items()
                            if key not in OUTPUT_ONLY}
     job_type = str(job.get("Type") or "batch")
     job["Type"] = job_type

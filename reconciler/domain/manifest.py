@@ -321,33 +321,61 @@ class _ParseError(ValueError):
         self.line = line
 
 
-@dataclass(frozen=True)
 class _Document:
-    value: object
-    node: yaml.Node | None
-    line: int
+    """One document's value, and its YAML node for the line numbers of errors."""
+
+    __slots__ = ("_node", "_text", "line", "value")
+
+    def __init__(self, value: object, node: yaml.Node | None, line: int,
+                 text: str | None = None) -> None:
+        self.value = value
+        self.line = line
+        self._node = node
+        #: A JSON file's text, composed only if an error asks for a line: a valid file never
+        #: is (composing it cost as much as parsing it: docs/performance.md).
+        self._text = text
+
+    @property
+    def node(self) -> yaml.Node | None:
+        if self._text is not None:
+            text, self._text = self._text, None
+            try:
+                self._node = yaml.compose(text, Loader=_COMPOSER)
+            except (yaml.YAMLError, RecursionError):
+                self._node = None
+        return self._node
 
 
 def _documents(path: str, text: str) -> Iterator[_Document]:
     if path.lower().endswith(".json"):
         yield _json_document(text)
         return
+    # One loader composes every node (kept for line numbers), then constructs each: a fresh
+    # pure-Python loader per document cost about a tenth of parsing a manifest
+    # (docs/performance.md). Every document is composed before any is constructed, so a
+    # syntax error anywhere is reported first, as before.
+    loader = _COMPOSER(text)
     try:
-        nodes = list(yaml.compose_all(text, Loader=_COMPOSER))
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
-        message = f"invalid YAML: {exc.problem or 'syntax error'}"
-        if exc.context and exc.context_mark and exc.context_mark.line + 1 != line:
-            message += f" ({exc.context} started at line {exc.context_mark.line + 1})"
-        raise _ParseError(message, line) from None
-    except RecursionError:
-        raise _ParseError("invalid YAML: nested too deeply") from None
-    except yaml.YAMLError as exc:
-        raise _ParseError(f"invalid YAML: {type(exc).__name__}") from None
-    for node in nodes:
-        if node is None:
-            continue
-        yield _Document(_construct(node), node, node.start_mark.line + 1)
+        try:
+            nodes = []
+            while loader.check_node():
+                nodes.append(loader.get_node())
+        except yaml.MarkedYAMLError as exc:
+            line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+            message = f"invalid YAML: {exc.problem or 'syntax error'}"
+            if exc.context and exc.context_mark and exc.context_mark.line + 1 != line:
+                message += f" ({exc.context} started at line {exc.context_mark.line + 1})"
+            raise _ParseError(message, line) from None
+        except RecursionError:
+            raise _ParseError("invalid YAML: nested too deeply") from None
+        except yaml.YAMLError as exc:
+            raise _ParseError(f"invalid YAML: {type(exc).__name__}") from None
+        for node in nodes:
+            if node is None:
+                continue
+            yield _Document(_construct(loader, node), node, node.start_mark.line + 1)
+    finally:
+        loader.dispose()
 
 
 def _json_document(text: str) -> _Document:
@@ -357,25 +385,71 @@ def _json_document(text: str) -> _Document:
         raise _ParseError(f"invalid JSON: {exc.msg}", exc.lineno) from None
     except RecursionError:
         raise _ParseError("invalid JSON: nested too deeply") from None
-    try:
-        node: yaml.Node | None = yaml.compose(text, Loader=_COMPOSER)  # for line numbers
-    except (yaml.YAMLError, RecursionError):
-        node = None
-    return _Document(value, node, 1)
+    return _Document(value, None, 1, text)
 
 
-def _construct(node: yaml.Node) -> object:
-    loader = yaml.SafeLoader("")
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+#: Scalars whose SafeConstructor method returns the value at once (not a generator).
+_PLAIN_SCALARS = frozenset(f"tag:yaml.org,2002:{kind}"
+                           for kind in ("null", "bool", "int", "float"))
+
+
+class _NotPlain(Exception):
+    """A node the plain walk leaves to PyYAML's own constructor."""
+
+
+def _construct(loader: Any, node: yaml.Node) -> object:
     try:
-        value = loader.construct_document(node)
+        try:
+            # The plain walk first: PyYAML's constructor is pure Python, about a fifth of
+            # parsing a manifest (docs/performance.md).
+            seen: set[int] = set()
+            value = _plain(loader, node, seen)
+        except (_NotPlain, RecursionError):  # PyYAML's own walk is not recursive
+            value = loader.construct_document(node)
+        else:
+            # No alias on the plain walk: every node is one value, counted as _check_size does.
+            if len(seen) > MAX_NODES:
+                raise _ParseError(f"document expands to more than {MAX_NODES} values; refused")
+            return value
     except RecursionError:
         raise _ParseError("invalid YAML: nested too deeply", node.start_mark.line + 1) from None
     except yaml.YAMLError as exc:
         raise _ParseError(f"invalid YAML: {type(exc).__name__}", node.start_mark.line + 1) from None
-    finally:
-        loader.dispose()
     _check_size(value)
     return value
+
+
+def _plain(loader: Any, node: yaml.Node, seen: set[int]) -> object:
+    """What ``SafeConstructor`` makes of a document of plain mappings, sequences, strings,
+    numbers, booleans and nulls; :class:`_NotPlain` for anything else (an alias or anchor used
+    twice, a merge key, a complex key, any other tag), which PyYAML then constructs itself, so
+    the values and the errors stay PyYAML's."""
+    if id(node) in seen:  # an alias: PyYAML shares the object (and checks the size after)
+        raise _NotPlain
+    seen.add(id(node))
+    tag = node.tag
+    if isinstance(node, yaml.ScalarNode):
+        if tag == _STR_TAG:
+            return node.value
+        if tag in _PLAIN_SCALARS:
+            return loader.yaml_constructors[tag](loader, node)
+        raise _NotPlain
+    if isinstance(node, yaml.MappingNode) and tag == _MAP_TAG:
+        mapping: dict[object, object] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _KEY_TAGS:
+                raise _NotPlain  # a merge key (<<), a complex or tagged key
+            mapping[_plain(loader, key_node, seen)] = _plain(loader, value_node, seen)
+        return mapping
+    if isinstance(node, yaml.SequenceNode) and tag == _SEQ_TAG:
+        return [_plain(loader, item, seen) for item in node.value]
+    raise _NotPlain
+
+
+_KEY_TAGS = _PLAIN_SCALARS | {_STR_TAG}
 
 
 def _check_size(value: object) -> None:

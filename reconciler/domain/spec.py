@@ -200,7 +200,10 @@ class WireModel(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         dumped: dict[str, Any] = handler(self)
-        return {key: value for key, value in dumped.items() if not _is_empty(value)}
+        # A true value is never empty: the call is only made for the others (every spec's
+        # hash is taken over this, ~50 values per spec: docs/performance.md).
+        return {key: value for key, value in dumped.items()
+                if value or (value is not None and not _is_empty(value))}
 
 
 class S3StorageSpec(WireModel):

@@ -48,7 +48,8 @@ def _error(manifest: Manifest, field: str, message: str) -> LoadError:
 
 
 def to_orchestrator(manifest: Manifest) -> dict[str, Any] | LoadError:
-    """The manifest's job as an orchestrator Job (canonical wire form), or why it cannot be."""
+    """The manifest's job as an orchestrator Job (canonical wire form; a new dict at each call,
+    the caller's to change), or why it cannot be."""
     if manifest.form == ORCHESTRATOR:
         return manifest.wire()
     try:

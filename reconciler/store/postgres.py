@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, astuple, fields, replace
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +46,7 @@ from reconciler.store.sqlite import (
     SCHEMA_VERSION,
     _schedule_row,
     _schedule_state,
+    _stamped,
 )
 
 SCHEMA = "reconciler"
@@ -149,6 +150,13 @@ _VIEWS_TABLE = (
     "CREATE TABLE IF NOT EXISTS spec_views (spec_hash TEXT PRIMARY KEY, view TEXT NOT NULL)")
 
 _COLUMNS = tuple(f.name for f in fields(Record))
+
+
+def _values(record: Record, now: float) -> tuple[Any, ...]:
+    """A record's column values in ``_COLUMNS`` order. Not ``dataclasses.asdict``: it
+    deep-copies every field (as in store/sqlite.py, docs/performance.md)."""
+    return tuple(str(record.phase) if column == "phase" else now if column == "updated_at"
+                 else getattr(record, column) for column in _COLUMNS)
 
 
 class Fence(Protocol):
@@ -461,8 +469,7 @@ class PostgresStore:
             self._write_one(records[0], now, updates)
         else:
             with self._transaction() as (cur, epoch):
-                rows = [(*(asdict(r) | {"phase": str(r.phase), "updated_at": now}).values(),
-                         epoch) for r in records]
+                rows = [(*_values(r, now), epoch) for r in records]
                 for run in runs:  # before the jobs rows: see store/sqlite.py
                     cur.execute(_CLOSE_RUN.replace("?", "%s"), (run.name, run.name))
                     cur.execute(
@@ -483,7 +490,7 @@ class PostgresStore:
                     cur.executemany(sql, rows)
         if self._cache is not None:
             for record in records:
-                self._cache[record.name] = replace(record, updated_at=now)
+                self._cache[record.name] = _stamped(record, now)
 
     def _write_one(self, record: Record, now: float, updates: str) -> None:
         """One record (an outcome, saved per request): the fence check and the upsert in one
@@ -495,8 +502,7 @@ class PostgresStore:
         epoch = self._fence.epoch
         if epoch is None:
             raise NotLeader(f"{self.path}: not the leader; nothing written")
-        values = (*(asdict(record) | {"phase": str(record.phase), "updated_at": now}).values(),
-                  epoch)
+        values = (*_values(record, now), epoch)
         # FOR SHARE as in _transaction: a takeover waits for this statement's commit.
         sql = (f"WITH fence AS (SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s "
                f"AND expires_at > clock_timestamp() FOR SHARE) "
