@@ -386,6 +386,29 @@ def test_401_is_not_retried(dev: Any) -> None:
     assert server.stats().get("GET /orchestrator/jobs", 0) <= 1
 
 
+def test_our_own_key_never_reaches_a_recorded_state_message(dev: Any) -> None:
+    """A stop reason is anyone's text, recorded and shown by `status`: one quoting the API
+    key we send (pasted by someone, or echoed) is masked before the engine sees it."""
+    server = dev("1.9", api_key=KEY)
+    [item] = load_file("a.yaml", envelope("alpha").encode()).manifests
+
+    async def go() -> tuple[str, str]:
+        backend = await _backend(server.url, credentials=Credentials(api_key=KEY))
+        job = await backend.submit(item, "u" * 32)
+        reply = await backend.client._http.request(
+            "DELETE", f"{JOBS}/{job.job_id}", params={"namespace": "default"},
+            content=json.dumps({"reason": f"rotated key {KEY} by hand"}).encode())
+        assert reply.status_code == 200, reply.text
+        status = await backend.status(job.job_id)
+        [[found]] = (await backend.find(["u" * 32])).values()
+        await backend.client.aclose()
+        assert status is not None
+        return status.message, found.message
+
+    for message in run(go()):
+        assert message == "rotated key [secret] by hand"
+
+
 def test_the_wire_stays_in_backends() -> None:
     # Nothing above backends/ names an orchestrator wire field.
     for module in ("engine/executor.py", "service/daemon.py", "domain/plan.py", "ports.py"):

@@ -37,7 +37,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import httpx
@@ -225,6 +225,16 @@ _FIX = {
 }
 
 
+def _mask(text: str, credentials: Credentials) -> str:
+    """``text`` with the API key, the password and the Basic token of ``credentials``
+    replaced by ``[secret]`` (server text may echo what it was sent)."""
+    header = credentials.header() or ""
+    for secret in (credentials.api_key, credentials.password, header.partition(" ")[2]):
+        if secret:
+            text = text.replace(secret, "[secret]")
+    return text
+
+
 def rejected(operation: str, status: int, text: str, credentials: Credentials,
              endpoint: str) -> CredentialsRejected:
     """401/403: the credential (not one job) is refused, on whatever route. A configuration
@@ -236,10 +246,7 @@ def rejected(operation: str, status: int, text: str, credentials: Credentials,
                 "on the server or use another one; " + _FIX[credentials.kind])
     else:
         hint = _FIX[credentials.kind]
-    header = credentials.header() or ""
-    for secret in (credentials.api_key, credentials.password, header.partition(" ")[2]):
-        if secret:
-            text = text.replace(secret, "[secret]")
+    text = _mask(text, credentials)
     where = f" from {endpoint}" if endpoint else ""
     return CredentialsRejected(
         f"{operation}: HTTP {status}{where}: {text} ({hint}; a configuration error: nothing "
@@ -372,6 +379,11 @@ class OrchestratorClient:
             token = body.get("NextToken") or ""
             if not isinstance(token, str) or not token:
                 return jobs
+
+    def masked(self, text: str) -> str:
+        """``text`` with the API key, the password and the Basic token sent by this client
+        replaced by ``[secret]``."""
+        return _mask(text, self._credentials)
 
     async def check_access(self) -> None:
         """One page of one job of ours: raises :class:`CredentialsRejected` when the server
@@ -511,6 +523,16 @@ class OrchestratorBackend:
             self._translated[key] = outcome
         return outcome
 
+    def _info(self, job: Mapping[str, Any]) -> JobInfo:
+        """:func:`job_info`, with our own credential masked in the state message: a message
+        is anyone's text (a stop reason), recorded and shown by `status`."""
+        info = job_info(job)
+        if info.message:
+            message = self.client.masked(info.message)
+            if message != info.message:
+                info = replace(info, message=message)
+        return info
+
     def _ours(self, job: Mapping[str, Any]) -> bool:
         labels = _labels(job)
         return labels.get(MANAGED_BY) == MANAGER and labels.get(INSTANCE_LABEL) == self.instance
@@ -568,7 +590,7 @@ class OrchestratorBackend:
                 raise
             except _NoChanges:
                 assert existing is not None  # only an update can be "no changes"
-                return job_info(existing)
+                return self._info(existing)
             # The reply has no version (wire-orchestrator.md 3.1): a create is version 1, an
             # update the looked-up version + 1; None (observed later) when the lookup was
             # skipped or had none.
@@ -600,7 +622,7 @@ class OrchestratorBackend:
             batch = wanted[start : start + UID_BATCH]
             selector = self._selector(f"{UID_LABEL} in ({','.join(batch)})")
             for job in await self.client.list_jobs(selector):
-                info = job_info(job)
+                info = self._info(job)
                 if info.uid in batch:
                     found.setdefault(info.uid, []).append(info)
         return found
@@ -622,7 +644,7 @@ class OrchestratorBackend:
                 continue
             taken.add(name)
             if self._ours(job):
-                found.setdefault(name, []).append(job_info(job))
+                found.setdefault(name, []).append(self._info(job))
         if whole:
             self._free = {n: t for n, t in self._free.items() if started - t < ABSENT_TTL}
             self._free.update(dict.fromkeys(wanted - taken, started))
@@ -634,7 +656,7 @@ class OrchestratorBackend:
 
     async def status(self, job_id: str) -> JobInfo | None:
         job = await self.client.get_job(job_id)
-        return None if job is None else job_info(job)
+        return None if job is None else self._info(job)
 
     async def owner_of(self, job_id: str) -> str | None:
         return None  # v1.5+ has no job approval, so no policy asks
