@@ -13,8 +13,9 @@ import asyncio
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import pytest
@@ -22,7 +23,12 @@ from click.testing import CliRunner, Result
 
 from reconciler.app import wiring
 from reconciler.app.cli import main
-from reconciler.backends.errors import CredentialsRejected, OutcomeUnknown
+from reconciler.backends.errors import (
+    CredentialsRejected,
+    InvalidRequest,
+    OutcomeUnknown,
+    ServerError,
+)
 from reconciler.backends.orchestrator import (
     Conflict,
     Credentials,
@@ -33,7 +39,14 @@ from reconciler.backends.orchestrator import (
 )
 from reconciler.devnet import DevConfig, DevRequesterThread
 from reconciler.domain.manifest import load_file
+from reconciler.domain.plan import Action, PlanPolicy
+from reconciler.domain.records import Phase, Record
+from reconciler.engine.executor import Executor
+from reconciler.engine.reconcile import Reconciler
 from reconciler.settings import SettingsError, api_credentials, load_settings
+from reconciler.sources.folder import FolderSource
+from reconciler.store.sqlite import Store
+from tests.fakes import FakeStore
 
 KEY = "k" * 24
 JOBS = "/api/v1/orchestrator/jobs"
@@ -116,6 +129,39 @@ def by_name(dev: Dev) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+B = TypeVar("B", bound=OrchestratorBackend)
+
+
+@dataclass
+class InProcess(Generic[B]):
+    """The real reconciler and executor in this process over an in-memory store, against a
+    dev requester on a real port: for tests that script a backend's failures."""
+
+    root: Path
+    store: FakeStore
+    backend: B
+    reconciler: Reconciler
+    executor: Executor
+
+
+def in_process(tmp_path: Path, server: Dev, backend_type: type[B]) -> InProcess[B]:
+    root = tmp_path / "manifests"
+    root.mkdir()
+    store = FakeStore()
+    backend = backend_type(OrchestratorClient(server.url), mode="name", version="v1.9.3")
+    return InProcess(root, store, backend,
+                     Reconciler(FolderSource(root), store.as_store(), PlanPolicy()),
+                     Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0))
+
+
+def forget_name_index(server: Dev) -> None:
+    """What a job made before v1.8 looks like to the server (as after an upgrade from label
+    mode): its name index does not know it (docs/wire-orchestrator.md 4.4)."""
+    orchestrator = server.thread.app.orchestrator
+    assert orchestrator is not None
+    orchestrator.store._index.clear()
+
+
 # --- end to end through the CLI ----------------------------------------------------------------
 
 
@@ -163,9 +209,7 @@ def test_an_update_that_creates_a_second_job_stops_the_first(tmp_path: Path, dev
     folder.write("a.yaml", envelope("alpha"))
     folder.apply("--api", "orchestrator")
     [old] = by_name(server)["alpha"]
-    orchestrator = server.thread.app.orchestrator
-    assert orchestrator is not None
-    orchestrator.store._index.clear()  # what a pre-v1.8 job looks like to the server
+    forget_name_index(server)
 
     folder.write("a.yaml", envelope("alpha", image="ubuntu:24.04"))
     result = folder.apply()
@@ -493,12 +537,6 @@ def test_a_superseded_job_whose_stop_failed_is_stopped_by_the_next_pass(
     (a daemon's) stops it; before, both ran until the daemon restarted. A 401 there stops the
     pass like any refused credential (it was logged as one failed cancel and the pass went
     on), and the new job's record stays."""
-    from reconciler.backends.errors import ServerError
-    from reconciler.domain.plan import PlanPolicy
-    from reconciler.engine.executor import Executor
-    from reconciler.engine.reconcile import Reconciler
-    from reconciler.sources.folder import FolderSource
-    from tests.fakes import FakeStore
 
     class FlakyStop(OrchestratorBackend):
         failures = 0
@@ -513,19 +551,14 @@ def test_a_superseded_job_whose_stop_failed_is_stopped_by_the_next_pass(
             return await super().stop(job_id, reason)
 
     server = dev("1.9")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    store = FakeStore()
-    backend = FlakyStop(OrchestratorClient(server.url), mode="name", version="v1.9.3")
-    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
-    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    rig = in_process(tmp_path, server, FlakyStop)
+    root, store, backend, reconciler, executor = (rig.root, rig.store, rig.backend,
+                                                  rig.reconciler, rig.executor)
     with asyncio.Runner() as loop:
         (root / "a.yaml").write_text(envelope("alpha"))
         loop.run(reconciler.run_pass(executor))
         [old] = by_name(server)["alpha"]
-        orchestrator = server.thread.app.orchestrator
-        assert orchestrator is not None
-        orchestrator.store._index.clear()  # a job from before v1.8, as after an upgrade
+        forget_name_index(server)
 
         (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
         backend.failures = 1
@@ -556,11 +589,6 @@ def test_an_update_in_doubt_twice_then_removed_still_stops_its_job(
     the job the update lands on. Once the manifest is removed, its absence is confirmed and
     that job is stopped; before, the fresh intent had no job id, the record was forgotten and
     the job of the name ran on with no record (docs/design.md, "Update in place")."""
-    from reconciler.domain.plan import PlanPolicy
-    from reconciler.engine.executor import Executor
-    from reconciler.engine.reconcile import Reconciler
-    from reconciler.sources.folder import FolderSource
-    from tests.fakes import FakeStore
 
     class FlakyPut(OrchestratorBackend):
         failures = 0
@@ -572,12 +600,9 @@ def test_an_update_in_doubt_twice_then_removed_still_stops_its_job(
             return await super().submit(manifest, uid)
 
     server = dev("1.9")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    store = FakeStore()
-    backend = FlakyPut(OrchestratorClient(server.url), mode="name", version="v1.9.3")
-    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
-    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    rig = in_process(tmp_path, server, FlakyPut)
+    root, store, backend, reconciler, executor = (rig.root, rig.store, rig.backend,
+                                                  rig.reconciler, rig.executor)
     with asyncio.Runner() as loop:
         (root / "a.yaml").write_text(envelope("alpha"))
         (root / "b.yaml").write_text(envelope("beta"))  # the folder never empties
@@ -604,12 +629,6 @@ def test_a_refused_update_in_place_backs_off_instead_of_being_sent_every_pass(
     pass with changes by another a second later: one refused PUT a second, forever. Now the
     record waits out a backoff that doubles at each refusal; ``apply`` (no backoff) still
     tries at once."""
-    from reconciler.backends.errors import InvalidRequest
-    from reconciler.domain.plan import Action, PlanPolicy
-    from reconciler.engine.executor import Executor
-    from reconciler.engine.reconcile import Reconciler
-    from reconciler.sources.folder import FolderSource
-    from reconciler.store.sqlite import Store
 
     class Refusing(OrchestratorBackend):
         refusals = 0
@@ -662,12 +681,6 @@ def test_an_update_in_doubt_then_refused_keeps_its_job_recorded(
     refused (a 400): the job of the name still runs its old spec, so it stays recorded as
     live (and is stopped when the manifest goes), not as an error record without a job,
     which the removal forgot while the job ran on."""
-    from reconciler.backends.errors import InvalidRequest
-    from reconciler.domain.plan import PlanPolicy
-    from reconciler.engine.executor import Executor
-    from reconciler.engine.reconcile import Reconciler
-    from reconciler.sources.folder import FolderSource
-    from tests.fakes import FakeStore
 
     class DoubtThenRefuse(OrchestratorBackend):
         faults: list[Exception] = []
@@ -678,12 +691,9 @@ def test_an_update_in_doubt_then_refused_keeps_its_job_recorded(
             return await super().submit(manifest, uid)
 
     server = dev("1.9")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    store = FakeStore()
-    backend = DoubtThenRefuse(OrchestratorClient(server.url), mode="name", version="v1.9.3")
-    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
-    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    rig = in_process(tmp_path, server, DoubtThenRefuse)
+    root, store, backend, reconciler, executor = (rig.root, rig.store, rig.backend,
+                                                  rig.reconciler, rig.executor)
     with asyncio.Runner() as loop:
         (root / "a.yaml").write_text(envelope("alpha"))
         (root / "b.yaml").write_text(envelope("beta"))  # the folder never empties
@@ -714,26 +724,15 @@ def test_a_crash_between_a_superseding_put_and_its_stop_is_resolved_with_the_sto
     uid and the new job adopted: the old one must be stopped then, as _submit would have.
     The first sweep skips intents (names in submitting) and later sweeps only suspects, so
     both jobs ran on until the next restart."""
-    from reconciler.domain.plan import Action, PlanPolicy
-    from reconciler.domain.records import Phase, Record
-    from reconciler.engine.executor import Executor
-    from reconciler.engine.reconcile import Reconciler
-    from reconciler.sources.folder import FolderSource
-    from tests.fakes import FakeStore
 
     server = dev("1.9")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    store = FakeStore()
-    backend = OrchestratorBackend(OrchestratorClient(server.url), mode="name", version="v1.9.3")
-    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    rig = in_process(tmp_path, server, OrchestratorBackend)
+    root, store, backend, reconciler = rig.root, rig.store, rig.backend, rig.reconciler
     with asyncio.Runner() as loop:
         (root / "a.yaml").write_text(envelope("alpha"))
         loop.run(reconciler.run_pass(Executor(store.as_store(), backend, PlanPolicy())))
         [old] = by_name(server)["alpha"]
-        orchestrator = server.thread.app.orchestrator
-        assert orchestrator is not None
-        orchestrator.store._index.clear()  # a job from before v1.8, as after an upgrade
+        forget_name_index(server)
 
         (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
         _, plan = reconciler.plan()
