@@ -234,6 +234,15 @@ def test_a_refused_version_route_is_a_configuration_error(tmp_path: Path) -> Non
 # --- real processes: the daemon, apply, status ---------------------------------------------
 
 
+def manifests(tmp_path: Path, count: int) -> Path:
+    """A folder of ``count`` manifests, n00.yaml, n01.yaml, ..."""
+    root = tmp_path / "manifests"
+    root.mkdir()
+    for index in range(count):
+        (root / f"n{index:02d}.yaml").write_text(envelope(f"n{index:02d}"))
+    return root
+
+
 def wrong_key_env(tmp_path: Path, key: str) -> dict[str, str]:
     return {"BACALHAU_API_KEY": key, "NOTIFY_SOCKET": str(tmp_path / "notify"),
             "HOME": str(tmp_path)}  # no ~/.bacalhau key: the orchestrator needs none
@@ -243,10 +252,7 @@ def test_daemon_with_a_wrong_key_exits_78_at_once(
     tmp_path: Path, dev_factory: Callable[..., DevProcess],
 ) -> None:
     dev = dev_factory("--bacalhau-version", "1.9", "--api-key", KEY, "--job-duration", "600")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    for index in range(30):
-        (root / f"n{index:02d}.yaml").write_text(envelope(f"n{index:02d}"))
+    root = manifests(tmp_path, 30)
     args = ["--manifests", str(root), "--state", str(tmp_path / "state.db"),
             "--endpoint", dev.url]
     notify = NotifySocket(str(tmp_path / "notify"))
@@ -316,10 +322,7 @@ def test_apply_and_status_with_a_wrong_key_say_so_in_one_line(
     tmp_path: Path, dev_factory: Callable[..., DevProcess],
 ) -> None:
     dev = dev_factory("--bacalhau-version", "1.9", "--api-key", KEY, "--job-duration", "600")
-    root = tmp_path / "manifests"
-    root.mkdir()
-    for index in range(20):
-        (root / f"n{index:02d}.yaml").write_text(envelope(f"n{index:02d}"))
+    root = manifests(tmp_path, 20)
     common = ["--manifests", str(root), "--state", str(tmp_path / "state.db"),
               "--endpoint", dev.url]
     env = {"BACALHAU_API_KEY": WRONG, "HOME": str(tmp_path)}
