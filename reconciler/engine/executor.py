@@ -554,42 +554,28 @@ class Executor:
     async def _stop_superseded(self, kept: Record, new_id: str, report: ApplyReport) -> None:
         """An update in place that created a job instead: the server's name index did not
         know the old one (a job made before Bacalhau v1.8, docs/wire-orchestrator.md 4.4, e.g.
-        by this daemon in label mode before an upgrade). Left alone, both would run."""
-        assert kept.job_id is not None
+        by this daemon in label mode before an upgrade). Left alone, both would run. The
+        record follows the new job now, so should the stop fail, no record names the old one:
+        the name becomes a suspect, and the duplicate sweep of the next applies (for
+        SUSPECT_WINDOW) finds it live beside the recorded job and stops it."""
         reason = (f"superseded by job {new_id}: the update by name created a new job (the "
                   "server's name index does not know this one)")
-        fields = self._fields(kept, reason=reason)
         try:
-            state = await self._backend.stop(kept.job_id, reason)
-        except (AlreadyTerminal, NotFound) as exc:
-            self._log.info("job.cancel_skipped", **fields, detail=str(exc))
-            report.count("cancel.skipped")
-            return
-        except RequesterError as exc:
-            # The record follows the new job now, so no record names the old one: the name
-            # becomes a suspect, and the duplicate sweep of the next applies (for
-            # SUSPECT_WINDOW) finds it live beside the recorded job and stops it. Before,
-            # it ran on beside the new job until the next daemon start.
+            await self._cancel(kept, reason, report, unrecorded="superseded job")
+        except CredentialsRejected as exc:
+            # Stop the pass as for any refused credential; the new job's record is saved, so
+            # nothing is given back, and the sweep stops the old job once the key is fixed.
             self._suspect(kept.name)
-            self._log.error("action.failed", **fields, action="cancel", error=str(exc),
-                            retry_at=None)
-            report.count("cancel.failed")
-            report.errors.append(f"{kept.name}: cancel of superseded job {kept.job_id}: {exc}")
-            if isinstance(exc, CredentialsRejected):
-                # Stop the pass as for any refused credential; the new job's record is
-                # saved, so nothing is given back.
-                raise _IntentStays(exc) from exc
-            return
-        self._log.info("job.cancelled", **fields, job_state=state)
-        report.count("cancel.ok")
+            raise _IntentStays(exc) from exc
 
     async def _cancel(self, record: Record, reason: str, report: ApplyReport,
-                      *, duplicate: bool = False) -> bool:
+                      *, unrecorded: str | None = None) -> bool:
         """Cancel a recorded job; True once the job is surely not running any more.
-        ``duplicate``: ``record`` is the name's record with a duplicate's job id, not a
-        record to save: a failure leaves the store alone (saved, it recorded the duplicate
-        in place of the kept job, which the next sweep then cancelled) and makes the name a
-        suspect, so the sweep of the next passes tries again."""
+        ``unrecorded`` (what the job is: a duplicate, a superseded job): ``record`` is the
+        name's record with a job id the store does not keep, not a record to save: a failure
+        leaves the store alone (saved, it recorded that job in place of the kept one, which
+        the next sweep then cancelled) and makes the name a suspect, so the sweep of the
+        next passes tries again."""
         fields = self._fields(record, reason=reason)
         if record.job_id is None:
             return True
@@ -602,13 +588,13 @@ class Executor:
         except CredentialsRejected:
             raise  # nothing was stopped; a configuration error (see apply)
         except RequesterError as exc:
-            if duplicate:
+            if unrecorded is not None:
                 self._suspect(record.name)
                 self._log.error("action.failed", **fields, action="cancel", error=str(exc),
                                 retry_at=None)
                 report.count("cancel.failed")
-                report.errors.append(f"{record.name}: cancel of duplicate {record.job_id}: "
-                                     f"{exc}")
+                report.errors.append(f"{record.name}: cancel of {unrecorded} "
+                                     f"{record.job_id}: {exc}")
                 return False
             self._failed(record, "cancel", exc, report)
             return False
@@ -804,7 +790,7 @@ class Executor:
         for duplicate in extra:  # ours by annotation, and one live job per name is enough
             cancel = replace(kept, job_id=duplicate.job_id, uid=duplicate.uid or None)
             reason = f"a second live job for {kept.name} ({why}: {kept.job_id})"
-            if await self._cancel(cancel, reason, report, duplicate=True):
+            if await self._cancel(cancel, reason, report, unrecorded="duplicate"):
                 self._log.warning("job.duplicate_cancelled", **self._fields(cancel),
                                   kept_job_id=kept.job_id, reason=reason)
                 report.count("duplicate.cancelled")
