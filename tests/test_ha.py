@@ -269,6 +269,9 @@ def test_cut_connections_and_a_database_outage_stop_all_action(
         # both ready (a healthy standby too); the metric says who leads
         for daemon, name in zip(daemons, ("a", "b"), strict=True):
             base = f"http://127.0.0.1:{ports[name]}"
+            # A standby may still be starting while the leader converged: poll only once its
+            # listener is up, or the probe meets a refused connection instead of a "no".
+            daemon.wait_event("metrics.listening")
             def ready(url: str = base) -> bool:
                 return httpx.get(url + "/readyz").status_code == 200
 
