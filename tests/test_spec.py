@@ -169,3 +169,32 @@ def test_wire_round_trip_is_stable(data: dict[str, Any]) -> None:
     again = to_wire(parse_spec(json.loads(json.dumps(wire))))
     assert again == wire
     assert spec_hash(parse_spec(wire)) == spec_hash(parse_spec(data))
+
+
+HASHES = Path(__file__).parent / "fixtures/hashes"
+
+
+def test_spec_hashes_and_translations_never_change() -> None:
+    """A manifest's spec hash is what every record and job is matched on: a release whose
+    parsing changed one hash would replace every such job on upgrade (docs/design.md,
+    "Manifests"). The golden figures were made by the code before the parse path was last
+    made faster; a deliberate change of the wire form must update them, and say why."""
+    from reconciler.domain.spec import canonical_json, hash_wire
+    from reconciler.domain.translate import to_legacy, to_orchestrator
+
+    golden = json.loads((HASHES / "golden.json").read_text())
+    seen = {}
+    for path in sorted(HASHES.glob("*.y*ml")) + sorted(HASHES.glob("*.json")):
+        if path.name == "golden.json":
+            continue
+        result = load_file(path.name, path.read_bytes())
+        assert result.errors == (), result.errors
+        for manifest in result.manifests:
+            translated = {}
+            for form, outcome in (("orchestrator", to_orchestrator(manifest)),
+                                  ("legacy", to_legacy(manifest))):
+                translated[form] = (hash_wire(canonical_json(outcome))
+                                    if isinstance(outcome, dict) else str(outcome))
+            seen[manifest.name] = {"file": path.name, "spec_hash": manifest.spec_hash,
+                                   **translated}
+    assert seen == golden

@@ -142,10 +142,10 @@ def _fold(key: str) -> str:
 
 #: Each model's keys: exact (wire name, field name) and folded, to its wire name. Built once
 #: per model: rebuilt at every call it was a fifth of parsing a manifest (docs/performance.md).
-_KEYS: dict[type[BaseModel], tuple[dict[str, str], dict[str, str]]] = {}
+_KEYS: dict[type[BaseModel], tuple[dict[str, str], dict[str, str], frozenset[str]]] = {}
 
 
-def _keys(model: type[BaseModel]) -> tuple[dict[str, str], dict[str, str]]:
+def _keys(model: type[BaseModel]) -> tuple[dict[str, str], dict[str, str], frozenset[str]]:
     keys = _KEYS.get(model)
     if keys is None:
         exact: dict[str, str] = {}
@@ -154,15 +154,21 @@ def _keys(model: type[BaseModel]) -> tuple[dict[str, str], dict[str, str]]:
             wire = field.alias or name
             exact[wire] = exact[name] = wire
             folded[_fold(wire)] = folded[_fold(name)] = wire
-        keys = _KEYS[model] = (exact, folded)
+        keys = _KEYS[model] = (exact, folded, frozenset(exact.values()))
     return keys
 
 
 def canonical_keys(model: type[BaseModel], data: object) -> object:
-    """Rename ``data``'s keys to ``model``'s wire names, matching case and ``_`` loosely."""
+    """Rename ``data``'s keys to ``model``'s wire names, matching case and ``_`` loosely.
+
+    ``data`` itself when every key is a wire name already (a canonical spec, as stored and
+    translated, and most files): nothing to rename and no two keys can fold together. The
+    caller must not change the mapping it gets back."""
     if not isinstance(data, Mapping):
         return data
-    exact, folded = _keys(model)
+    exact, folded, wires = _keys(model)
+    if data.keys() <= wires:
+        return data
     out: dict[str, object] = {}
     for key, value in data.items():
         wire = (exact.get(key) or folded.get(_fold(key), key)) if isinstance(key, str) else key
@@ -333,9 +339,10 @@ class Spec(WireModel):
     @classmethod
     def _fill_client_defaults(cls, data: object) -> object:
         """Apply what the Bacalhau CLI does before sending: default Deal, migrate Publisher."""
-        data = canonical_keys(cls, data)
-        if not isinstance(data, dict):
-            return data
+        canonical = canonical_keys(cls, data)
+        if not isinstance(canonical, Mapping):
+            return canonical
+        data = dict(canonical)  # its own copy: the defaults below are set in it
         if data.get("Deal") is None:
             data["Deal"] = {"Concurrency": 1}
         publisher = data.get("Publisher")

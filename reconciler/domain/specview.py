@@ -46,17 +46,19 @@ def _digest(value: Any) -> str:
 
 def _flatten(value: Any, path: str, view: dict[str, str]) -> None:
     if isinstance(value, Mapping):
+        prefix = f"{path}." if path else ""
         for key, item in value.items():
-            child = f"{path}.{_key(str(key))}" if path else _key(str(key))
-            if str(key) in _ENV_KEYS:
+            name, kind = _key_kind(str(key))
+            child = prefix + name
+            if kind is _PLAIN:
+                _flatten(item, child, view)
+            elif kind is _ENV:
                 names = (sorted(str(k) for k in item) if isinstance(item, Mapping)
                          else [str(e).partition("=")[0] for e in item or ()])
                 view[child] = ", ".join(names)
                 view[child + " (values)"] = f"{_HIDDEN} {_digest(item)}"
-            elif _sensitive(str(key)):
-                view[child] = f"{REDACTED} {_digest(item)}"
             else:
-                _flatten(item, child, view)
+                view[child] = f"{REDACTED} {_digest(item)}"
     elif isinstance(value, list) and all(not isinstance(v, Mapping | list) for v in value):
         view[path] = "[" + ", ".join(_text(v) for v in value) + "]"
     elif isinstance(value, list):
@@ -66,10 +68,18 @@ def _flatten(value: Any, path: str, view: dict[str, str]) -> None:
         view[path] = _text(value)
 
 
+_PLAIN, _ENV, _SENSITIVE_KEY = "plain", "env", "sensitive"
+
+
 @functools.lru_cache(maxsize=1024)
-def _sensitive(key: str) -> bool:
-    """Asked once per key name: a cold sync views every submitted spec (docs/performance.md)."""
-    return _SENSITIVE.search(key) is not None
+def _key_kind(key: str) -> tuple[str, str]:
+    """A key's name in the view and how its value is shown; asked once per key name: a
+    cold sync views every submitted spec (docs/performance.md)."""
+    if key in _ENV_KEYS:
+        return _key(key), _ENV
+    if _SENSITIVE.search(key) is not None:
+        return _key(key), _SENSITIVE_KEY
+    return _key(key), _PLAIN
 
 
 def _text(value: Any) -> str:

@@ -543,9 +543,10 @@ class Executor:
             return
         # A PUT's reply has no version: a backend may know it (looked up + 1) or leave it to
         # observe (docs/design.md, "The orchestrator backend").
-        self._store.outcome(replace(intent, phase=Phase.ACTIVE, job_id=job.job_id,
-                                    job_state=job.state, last_error=None,
-                                    job_version=job.version, job_message=job.message or None))
+        self._store.outcome(intent.evolve(phase=Phase.ACTIVE, job_id=job.job_id,
+                                          job_state=job.state, last_error=None,
+                                          job_version=job.version,
+                                          job_message=job.message or None))
         self._log.info("job.submitted", **fields | {"job_id": job.job_id})
         report.count("submit.ok")
         if kept is not None and kept.job_id and job.job_id != kept.job_id:
