@@ -1,7 +1,7 @@
 """Cold sync on the orchestrator backend (issue 14): N new manifests against Bacalhau 1.9.
 
 Usage: python -m bench.cold_sync_orchestrator [--counts 1000,5000] [--versions 1.9,1.6]
-                                              [--repeat 3]
+                                              [--rounds 5]
 
 Each against a fresh dev requester (``--bacalhau-version``):
   reconciler  one pass of the real code: read + parse N files, plan, durable intents, in name
@@ -9,8 +9,10 @@ Each against a fresh dev requester (``--bacalhau-version``):
               PUT alone), outcomes saved, events rendered (to /dev/null);
   baseline    the same jobs (translated, labelled, prepared beforehand) encoded and PUT with
               plain httpx at concurrency 8.
-Target: reconciler / baseline <= 1.3. Also each side's CPU per job (this process only: the
-requester runs in another) and their ratio, steadier than the wall clock on a shared machine.
+Target: reconciler / baseline <= 1.3, taken as the median of paired rounds (each side once
+per round, the order alternating: bench.common.paired). Also each side's CPU per job (this
+process only: the requester runs in another) and their ratio, steadier than the wall clock
+on a shared machine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench.cold_sync import CONCURRENCY, write_manifests
-from bench.common import Stopwatch, Timed, requester, scratch, table, warm_up
+from bench.common import Stopwatch, Timed, paired, requester, scratch, table, warm_up
 from reconciler import events
 from reconciler.app.wiring import open_store
 from reconciler.backends.orchestrator import (
@@ -80,11 +82,15 @@ async def put_all(url: str, payloads: list[dict[str, Any]]) -> Timed:
     headers = {"Content-Type": "application/json"}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30,
                                  headers=headers) as http:
+        # Parsed once, as the reconciler's client does (its every PUT would otherwise pay
+        # for httpx joining a path to the base URL): the two sides send alike.
+        target = http.build_request("PUT", JOBS).url
+
         async def one(body: dict[str, Any]) -> None:
             async with semaphore:
                 # Encoded here, as the legacy baseline encodes and signs in its clock: any
                 # client, the reconciler too, turns a job into bytes per request.
-                reply = await http.put(JOBS, content=json.dumps(body).encode())
+                reply = await http.put(target, content=json.dumps(body).encode())
                 assert reply.status_code == 200, reply.text
                 json.loads(reply.content)
 
@@ -93,47 +99,47 @@ async def put_all(url: str, payloads: list[dict[str, Any]]) -> Timed:
         return clock.read()
 
 
-def measure(directory: Path, count: int, version: str, repeat: int) -> list[Any]:
-    """The best of ``repeat`` alternating runs of each side (a shared machine's noise only
-    ever adds time)."""
+def measure(directory: Path, count: int, version: str, rounds: int) -> list[Any]:
+    """``rounds`` paired rounds, each side against a fresh dev requester (bench.common.paired)."""
     root = directory / f"m-{count}"
     if not root.exists():
         write_manifests(root, count)
-    reconciler = baseline = Timed(float("inf"), float("inf"))
-    for attempt in range(repeat):
+
+    def ours(index: int) -> Timed:
         with requester(directory, "--bacalhau-version", version) as url:
-            state = directory / f"state-{version}-{count}-{attempt}.db"
-            reconciler = best(reconciler, asyncio.run(reconciler_run(root, state, url, version)))
+            state = directory / f"state-{version}-{count}-{index}.db"
+            return asyncio.run(reconciler_run(root, state, url, version))
+
+    def theirs(index: int) -> Timed:
         with requester(directory, "--bacalhau-version", version) as url:
-            baseline = best(baseline, asyncio.run(put_all(url, bodies(root, count, url,
-                                                                      version))))
+            return asyncio.run(put_all(url, bodies(root, count, url, version)))
+
+    result = paired(rounds, ours, theirs)
+    reconciler, baseline = result.best()
     return [version, count, f"{reconciler.wall:.2f}", f"{baseline.wall:.2f}",
-            f"{count / reconciler.wall:.0f}", f"{reconciler.wall / baseline.wall:.2f}",
+            f"{count / reconciler.wall:.0f}", f"{result.median_ratio('wall'):.2f}",
             f"{reconciler.cpu / count * 1000:.2f}", f"{baseline.cpu / count * 1000:.2f}",
-            f"{reconciler.cpu / baseline.cpu:.2f}"]
-
-
-def best(a: Timed, b: Timed) -> Timed:
-    """The least wall time and the least CPU of two runs, each on its own."""
-    return Timed(min(a.wall, b.wall), min(a.cpu, b.cpu))
+            f"{result.median_ratio('cpu'):.2f}", result.ratios("cpu")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", default="1000,5000")
     parser.add_argument("--versions", default="1.9,1.6")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with open(os.devnull, "w") as null:
         events.configure("json", "info", null)
         directory = scratch()
         warm_up(directory)
-        rows = [measure(directory, int(n), v, args.repeat) for v in args.versions.split(",")
+        rows = [measure(directory, int(n), v, args.rounds) for v in args.versions.split(",")
                 for n in args.counts.split(",")]
-    print(f"Cold sync, orchestrator API (seconds, best of {args.repeat}; concurrency "
-          f"{CONCURRENCY}); target reconciler/baseline <= 1.3")
+    print(f"Cold sync, orchestrator API ({args.rounds} paired rounds; concurrency "
+          f"{CONCURRENCY}); target reconciler/baseline <= 1.3 (the median of the rounds)")
+    print("seconds and CPU ms/job: the best round of each side; ratios: the median of the "
+          "rounds' own ratios")
     print(table(["bacalhau", "N", "reconciler", "baseline", "jobs/s", "ratio", "CPU ms/job",
-                 "baseline CPU", "CPU ratio"], rows))
+                 "baseline CPU", "CPU ratio", "rounds' CPU ratios"], rows))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,44 @@ class Timed:
 
     wall: float
     cpu: float
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Rounds of two sides run one after the other (the order alternating), each round's
+    ratio taken between its own two runs. On a shared 2-core machine one run's CPU per job
+    moves by 25-40% from minute to minute, with the other side's run minutes away: a ratio
+    of two bests taken at different moments carries that noise whole, a round's ratio far
+    less of it, and the median of the rounds least (docs/performance.md, "Measuring")."""
+
+    ours: list[Timed]
+    theirs: list[Timed]
+
+    def best(self) -> tuple[Timed, Timed]:
+        return (Timed(min(t.wall for t in self.ours), min(t.cpu for t in self.ours)),
+                Timed(min(t.wall for t in self.theirs), min(t.cpu for t in self.theirs)))
+
+    def median_ratio(self, of: str) -> float:
+        return float(statistics.median(getattr(a, of) / getattr(b, of)
+                                       for a, b in zip(self.ours, self.theirs, strict=True)))
+
+    def ratios(self, of: str) -> str:
+        return " ".join(f"{getattr(a, of) / getattr(b, of):.2f}"
+                        for a, b in zip(self.ours, self.theirs, strict=True))
+
+
+def paired(rounds: int, ours: Callable[[int], Timed], theirs: Callable[[int], Timed]) -> Paired:
+    """``rounds`` rounds of both sides; odd rounds run ``theirs`` first."""
+    mine: list[Timed] = []
+    other: list[Timed] = []
+    for index in range(rounds):
+        if index % 2:
+            other.append(theirs(index))
+            mine.append(ours(index))
+        else:
+            mine.append(ours(index))
+            other.append(theirs(index))
+    return Paired(mine, other)
 
 
 class Stopwatch:
