@@ -31,41 +31,38 @@ class Timed:
 
 
 @dataclass(frozen=True)
-class Paired:
-    """Rounds of two sides run one after the other (the order alternating), each round's
-    ratio taken between its own two runs. On a shared 2-core machine one run's CPU per job
-    moves by 25-40% from minute to minute, with the other side's run minutes away: a ratio
-    of two bests taken at different moments carries that noise whole, a round's ratio far
-    less of it, and the median of the rounds least (docs/performance.md, "Measuring")."""
+class Rounds:
+    """Rounds of several sides run one after the other (the order rotating), each round's
+    ratios taken between its own runs. On a shared 2-core machine one run's CPU per job moves
+    by 25-40% from minute to minute: a ratio of two bests taken minutes apart carries that
+    drift whole, a round's ratio far less of it, and the median of the rounds least
+    (docs/performance.md, "Measuring")."""
 
-    ours: list[Timed]
-    theirs: list[Timed]
+    runs: dict[str, list[Timed]]
 
-    def best(self) -> tuple[Timed, Timed]:
-        return (Timed(min(t.wall for t in self.ours), min(t.cpu for t in self.ours)),
-                Timed(min(t.wall for t in self.theirs), min(t.cpu for t in self.theirs)))
+    def best(self, side: str) -> Timed:
+        return Timed(min(t.wall for t in self.runs[side]), min(t.cpu for t in self.runs[side]))
 
-    def median_ratio(self, of: str) -> float:
-        return float(statistics.median(getattr(a, of) / getattr(b, of)
-                                       for a, b in zip(self.ours, self.theirs, strict=True)))
+    def median_ratio(self, side: str, to: str, of: str) -> float:
+        return float(statistics.median(self._ratios(side, to, of)))
 
-    def ratios(self, of: str) -> str:
-        return " ".join(f"{getattr(a, of) / getattr(b, of):.2f}"
-                        for a, b in zip(self.ours, self.theirs, strict=True))
+    def ratios(self, side: str, to: str, of: str) -> str:
+        return " ".join(f"{r:.2f}" for r in self._ratios(side, to, of))
+
+    def _ratios(self, side: str, to: str, of: str) -> list[float]:
+        return [getattr(a, of) / getattr(b, of)
+                for a, b in zip(self.runs[side], self.runs[to], strict=True)]
 
 
-def paired(rounds: int, ours: Callable[[int], Timed], theirs: Callable[[int], Timed]) -> Paired:
-    """``rounds`` rounds of both sides; odd rounds run ``theirs`` first."""
-    mine: list[Timed] = []
-    other: list[Timed] = []
-    for index in range(rounds):
-        if index % 2:
-            other.append(theirs(index))
-            mine.append(ours(index))
-        else:
-            mine.append(ours(index))
-            other.append(theirs(index))
-    return Paired(mine, other)
+def rounds(count: int, sides: dict[str, Callable[[int], Timed]]) -> Rounds:
+    """``count`` rounds of every side; each round starts one side later than the last."""
+    names = list(sides)
+    runs: dict[str, list[Timed]] = {name: [] for name in names}
+    for index in range(count):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(sides[name](index))
+    return Rounds(runs)
 
 
 class Stopwatch:

@@ -55,6 +55,7 @@ from reconciler.backends.errors import (
     Unreachable,
 )
 from reconciler.backends.signing import Signer, signed_body
+from reconciler.backends.transport import transport as http_transport
 from reconciler.events import scrub_text
 
 __all__ = [
@@ -236,7 +237,7 @@ class ApiClient:
             base_url=endpoint.rstrip("/"),
             timeout=timeout,
             limits=limits,
-            transport=transport,
+            transport=transport or http_transport(limits),
             headers={"Content-Type": "application/json"},
         )
         self.on_request: Callable[[str, int | None, float], None] | None = None
