@@ -198,3 +198,24 @@ def test_spec_hashes_and_translations_never_change() -> None:
             seen[manifest.name] = {"file": path.name, "spec_hash": manifest.spec_hash,
                                    **translated}
     assert seen == golden
+
+
+def test_canonical_keys_in_any_mapping_and_never_the_callers_changed() -> None:
+    """A mapping whose keys are all wire names is passed through as it is (a cheaper parse):
+    a read-only or other non-dict mapping must still read as before, when the keys were
+    always copied into a dict (strict models take dicts only), and the client defaults
+    (Deal, PublisherSpec) are set in a copy, never in the caller's mapping."""
+    from types import MappingProxyType
+
+    docker: dict[str, object] = {"Image": "ubuntu", "Entrypoint": ["echo"]}
+    deal: dict[str, object] = {"Concurrency": 2}
+    data = {"Engine": "Docker", "Publisher": "Ipfs",
+            "Docker": MappingProxyType(docker), "Deal": MappingProxyType(deal)}
+    plain = {**data, "Docker": docker, "Deal": deal}
+    assert to_wire(parse_spec(MappingProxyType(data))) == to_wire(parse_spec(plain))
+    assert spec_hash(parse_spec(data)) == spec_hash(parse_spec(plain))
+    before = json.dumps(plain, sort_keys=True)
+    parse_spec(plain)
+    assert json.dumps(plain, sort_keys=True) == before
+    assert "Image: given twice" in str(errors_of({
+        "Engine": "docker", "Publisher": "noop", "Docker": {"Image": "a", "image": "b"}}))

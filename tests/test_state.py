@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +199,27 @@ def test_cached_records_are_stamped_copies_without_dataclasses_replace(
         monkeypatch.undo()
     with open_store(tmp_path / "state.db") as reopened:
         assert reopened.records() == [cached]
+
+
+def test_record_evolve_is_replace_for_every_field() -> None:
+    """Record.evolve copies the instance dict instead of running __init__ (the hot paths:
+    reconciler/domain/records.py). A __post_init__, a default_factory or slots added to
+    Record later would make that copy differ from replace: this fails first."""
+    assert not hasattr(Record, "__post_init__") and not hasattr(Record, "__slots__")
+    assert all(f.default_factory is dataclasses.MISSING and f.init
+               for f in dataclasses.fields(Record))
+    base = record("a")
+    for field in dataclasses.fields(Record):
+        value: Any = {"phase": Phase.FAILED, "attempts": 7, "next_attempt_at": 1.5,
+                         "updated_at": 2.5, "job_version": 3}.get(field.name, "x")
+        evolved = base.evolve(**{field.name: value})
+        replaced = dataclasses.replace(base, **{field.name: value})
+        assert evolved == replaced and hash(evolved) == hash(replaced)
+        assert dataclasses.asdict(evolved) == dataclasses.asdict(replaced)
+        assert pickle.loads(pickle.dumps(evolved)) == replaced
+        assert type(evolved) is Record and vars(evolved) == vars(replaced)
+    assert base == record("a")  # the original is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.evolve(attempts=1).attempts = 2  # type: ignore[misc]
+    with pytest.raises(TypeError, match="job_msg"):
+        base.evolve(job_msg="typo")

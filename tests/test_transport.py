@@ -4,13 +4,22 @@ socket (reconciler/backends/transport.py). Real sockets over loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import ipaddress
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from reconciler.backends.legacy import ApiClient
 from reconciler.backends.orchestrator import OrchestratorClient
@@ -103,3 +112,138 @@ def test_a_connection_the_server_closed_is_never_reused(
 
     assert asyncio.run(twice()) == [200, 200]
     assert len(accepted) == 2  # a fresh connection for the second request
+
+
+@contextlib.contextmanager
+def _recording(tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    """An HTTP/1.1 server that answers every request 200, keeping connections open, and
+    records each request line with the number of the connection it came on."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    lines: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def serve(number: int, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            if tls is not None:  # the TLS socket detaches the plain one and is closed here
+                with tls.wrap_socket(conn, server_side=True) as secure:
+                    talk(number, secure)
+            else:
+                talk(number, conn)
+
+    def talk(number: int, conn: socket.socket) -> None:
+        data = b""
+        while not stop.is_set():
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            lines.append((number, head.split(b"\r\n")[0]))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        number = 0
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            number += 1
+            threading.Thread(target=serve, args=(number, conn), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}", lines
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+@pytest.fixture
+def recording_server() -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    with _recording() as (address, lines):
+        yield f"http://{address}", lines
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               ) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    """The same over TLS, its self-signed certificate for 127.0.0.1 the one the clients
+    trust (httpx reads SSL_CERT_FILE)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    with _recording(context) as (address, lines):
+        yield f"https://{address}", lines
+
+
+def test_tls_through_the_wrapped_stream_reuses_its_connection(
+        tls_server: tuple[str, list[tuple[int, bytes]]]) -> None:
+    """start_tls is wrapped too: the TLS stream's extra info (ssl_object, addresses) is
+    httpcore's, and an open idle connection is reused, not taken for one the server closed
+    (a check that always said "readable" would pass the closing test above, and cost every
+    request a new connection)."""
+    url, lines = tls_server
+    client = OrchestratorClient(url)
+
+    async def thrice() -> list[Any]:
+        try:
+            seen: list[Any] = []
+            for _ in range(3):
+                reply = await client._http.get("/probe")
+                stream = reply.extensions["network_stream"]
+                seen.append((reply.status_code, type(stream).__name__,
+                             stream.get_extra_info("ssl_object").version() is not None,
+                             stream.get_extra_info("server_addr")[0]))
+            return seen
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(thrice()) == [(200, "_Stream", True, "127.0.0.1")] * 3
+    assert lines == [(1, b"GET /probe HTTP/1.1")] * 3
+
+
+@pytest.mark.parametrize("kind", ["orchestrator", "legacy"])
+def test_a_proxy_set_in_the_environment_is_still_used(
+        kind: str, recording_server: tuple[str, list[tuple[int, bytes]]], rsa_key: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx ignores HTTP_PROXY and its kin when a client is given a transport: the
+    cheaper idle check must not cost a deployment behind a proxy its proxy."""
+    proxy, lines = recording_server
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY",
+                 "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    endpoint = "http://bacalhau.invalid:1234"
+    client = (OrchestratorClient(endpoint) if kind == "orchestrator"
+              else ApiClient(endpoint, load_signer(rsa_key)))
+
+    async def once() -> int:
+        try:
+            return (await client._http.get("/probe")).status_code
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(once()) == 200
+    assert lines == [(1, b"GET http://bacalhau.invalid:1234/probe HTTP/1.1")]
+    assert cheap_idle_check(client._http._transport)  # for the direct connections

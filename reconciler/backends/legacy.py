@@ -55,7 +55,7 @@ from reconciler.backends.errors import (
     Unreachable,
 )
 from reconciler.backends.signing import Signer, signed_body
-from reconciler.backends.transport import transport as http_transport
+from reconciler.backends.transport import cheapen
 from reconciler.events import scrub_text
 
 __all__ = [
@@ -237,9 +237,11 @@ class ApiClient:
             base_url=endpoint.rstrip("/"),
             timeout=timeout,
             limits=limits,
-            transport=transport or http_transport(limits),
+            transport=transport,
             headers={"Content-Type": "application/json"},
         )
+        if transport is None:  # not transport=: httpx would drop the environment's proxies
+            cheapen(self._http)
         self.on_request: Callable[[str, int | None, float], None] | None = None
 
     @property

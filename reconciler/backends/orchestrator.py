@@ -57,7 +57,7 @@ from reconciler.backends.errors import (
     Unreachable,
 )
 from reconciler.backends.legacy import RetryPolicy
-from reconciler.backends.transport import transport as http_transport
+from reconciler.backends.transport import cheapen
 from reconciler.domain.jobspec import hygienic
 from reconciler.domain.manifest import LoadError, Manifest
 from reconciler.domain.translate import to_orchestrator
@@ -314,7 +314,9 @@ class OrchestratorClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=16)
         self._http = httpx.AsyncClient(
             base_url=endpoint.rstrip("/"), timeout=timeout, limits=limits,
-            transport=transport or http_transport(limits), headers=headers)
+            transport=transport, headers=headers)
+        if transport is None:  # not transport=: httpx would drop the environment's proxies
+            cheapen(self._http)
         self.on_request: Callable[[str, int | None, float], None] | None = None
         #: The jobs route, joined to the base URL and parsed once: given a path, httpx does
         #: that at every request (25 µs of a PUT's ~1 ms of CPU: docs/performance.md).

@@ -12,6 +12,11 @@ The stream is inserted as httpcore's network backend of the transport's pool. ht
 take a network backend as an argument, so the pool's is wrapped in place; should a later
 httpx or httpcore not have these attributes, the stock transport is used unchanged
 (tests/test_transport.py checks that the wrapping takes with the versions installed).
+
+A client is made with no transport and then given the cheap check (:func:`cheapen`): an
+``httpx.AsyncClient`` given a transport ignores the proxies set in the environment
+(``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``). Made by the client, its own
+transport has httpx's defaults and the proxy transports it mounts stay httpx's, untouched.
 """
 
 # ruff: noqa: ASYNC109 (the timeout parameters are httpcore's network stream interface)
@@ -29,12 +34,23 @@ import httpx
 def transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     """httpx's transport with ``limits``, its idle check made cheap where it can be."""
     stock = httpx.AsyncHTTPTransport(limits=limits)
-    pool = getattr(stock, "_pool", None)
+    _wrap(stock)
+    return stock
+
+
+def cheapen(http: httpx.AsyncClient) -> httpx.AsyncClient:
+    """``http``, its own transport's idle check made cheap where it can be; proxies from the
+    environment kept (see the module's docstring: not ``transport=`` for a client)."""
+    _wrap(getattr(http, "_transport", None))
+    return http
+
+
+def _wrap(transport: object) -> None:
+    pool = getattr(transport, "_pool", None)
     backend = getattr(pool, "_network_backend", None)
     if isinstance(pool, httpcore.AsyncConnectionPool) and isinstance(
-            backend, httpcore.AsyncNetworkBackend):
+            backend, httpcore.AsyncNetworkBackend) and not isinstance(backend, _Backend):
         pool._network_backend = _Backend(backend)  # see the module's docstring
-    return stock
 
 
 def cheap_idle_check(transport: httpx.AsyncBaseTransport) -> bool:

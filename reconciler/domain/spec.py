@@ -161,13 +161,14 @@ def _keys(model: type[BaseModel]) -> tuple[dict[str, str], dict[str, str], froze
 def canonical_keys(model: type[BaseModel], data: object) -> object:
     """Rename ``data``'s keys to ``model``'s wire names, matching case and ``_`` loosely.
 
-    ``data`` itself when every key is a wire name already (a canonical spec, as stored and
-    translated, and most files): nothing to rename and no two keys can fold together. The
+    ``data`` itself when it is a dict whose every key is a wire name already (a canonical
+    spec, as stored and translated, and most files): nothing to rename and no two keys can
+    fold together. Any other mapping is copied into a dict, which strict models require. The
     caller must not change the mapping it gets back."""
     if not isinstance(data, Mapping):
         return data
     exact, folded, wires = _keys(model)
-    if data.keys() <= wires:
+    if isinstance(data, dict) and data.keys() <= wires:
         return data
     out: dict[str, object] = {}
     for key, value in data.items():
