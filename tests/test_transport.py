@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from reconciler.backends.legacy import ApiClient
 from reconciler.backends.orchestrator import OrchestratorClient
 from reconciler.backends.signing import load_signer
-from reconciler.backends.transport import cheap_idle_check, readable, transport
+from reconciler.backends.transport import Readable, cheap_idle_check, readable, transport
 
 LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4)
 
@@ -40,6 +40,23 @@ def test_the_installed_httpx_takes_the_cheaper_idle_check(rsa_key: Path) -> None
     assert OrchestratorClient("http://127.0.0.1:9", transport=mock)._http._transport is mock
     asyncio.run(orchestrator.aclose())
     asyncio.run(legacy.aclose())
+
+
+def test_one_stream_checked_again_and_again_as_httpcore_checks_it() -> None:
+    """The kept poll object answers as a fresh check would, at every step of a socket's life."""
+    a, b = socket.socketpair()
+    check = Readable(a)
+    try:
+        assert not check() and not check()  # idle, open: reusable
+        b.sendall(b"x")
+        assert check()
+        a.recv(1)
+        assert not check()
+        b.close()
+        assert check()  # closed by the peer
+    finally:
+        a.close()
+    assert check()  # closed here
 
 
 def test_readable_as_httpcore_reads_it() -> None:

@@ -88,7 +88,7 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
         self._inner = inner
-        self._socket: socket.socket | None = inner.get_extra_info("socket")
+        self._readable = Readable(inner.get_extra_info("socket"))
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return await self._inner.read(max_bytes, timeout)
@@ -107,18 +107,37 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> typing.Any:
         if info == "is_readable":
-            return readable(self._socket)
+            return self._readable()
         return self._inner.get_extra_info(info)
 
 
+class Readable:
+    """httpcore's check (``httpcore._utils.is_socket_readable``) of one socket: an idle socket
+    with data to read, or none left at all, is one the server closed; the connection is then
+    dropped. The poll object is made once per socket, not at each of the ~32 checks a request
+    makes (a fifth of the check's cost, docs/performance.md). A socket that is closed has the
+    fileno -1 (its number cannot be reused while this object holds it open)."""
+
+    __slots__ = ("_fd", "_poller", "_socket")
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self._socket = sock
+        self._fd = -1
+        self._poller: typing.Any = None
+
+    def __call__(self) -> bool:
+        fd = -1 if self._socket is None else self._socket.fileno()
+        if fd < 0:
+            return True
+        if not hasattr(select, "poll"):  # pragma: no cover (not on Linux)
+            return bool(select.select([fd], [], [], 0)[0])
+        if self._poller is None or fd != self._fd:
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
+            self._fd = fd
+        return bool(self._poller.poll(0))
+
+
 def readable(sock: socket.socket | None) -> bool:
-    """httpcore's check (``httpcore._utils.is_socket_readable``): an idle socket with data to
-    read, or none left at all, is one the server closed; the connection is then dropped."""
-    fd = None if sock is None else sock.fileno()
-    if fd is None or fd < 0:
-        return True
-    if not hasattr(select, "poll"):  # pragma: no cover (not on Linux)
-        return bool(select.select([fd], [], [], 0)[0])
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    """One check of ``sock`` (see :class:`Readable`)."""
+    return Readable(sock)()
