@@ -111,6 +111,10 @@ class Timeouts(WireModel):
     total_timeout: StrictInt = Field(0, alias="TotalTimeout")
 
 
+#: A task without ``Timeouts`` (frozen, so shared): one model fewer built per job checked.
+_NO_TIMEOUTS = Timeouts()
+
+
 class Task(WireModel):
     name: str | None = Field(None, alias="Name")
     engine: SpecConfig | None = Field(None, alias="Engine")
@@ -280,7 +284,7 @@ def _task_problems(task: Task, version: tuple[int, int]) -> list[Problem]:
         paths.add(result.path or "")
     if task.result_paths and (task.publisher is None or not task.publisher.type):
         found.append((("Publisher", "Type"), "required when ResultPaths are set"))
-    timeouts = task.timeouts or Timeouts()
+    timeouts = task.timeouts or _NO_TIMEOUTS
     for timeout, seconds in (("ExecutionTimeout", timeouts.execution_timeout),
                              ("QueueTimeout", timeouts.queue_timeout),
                              ("TotalTimeout", timeouts.total_timeout)):
