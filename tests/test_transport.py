@@ -264,3 +264,87 @@ def test_a_proxy_set_in_the_environment_is_still_used(
     assert asyncio.run(once()) == 200
     assert lines == [(1, b"GET http://bacalhau.invalid:1234/probe HTTP/1.1")]
     assert cheap_idle_check(client._http._transport)  # for the direct connections
+
+
+def test_a_check_that_never_says_readable_fails_the_closing_test(
+        closes_when_idle: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closing test above can fail: with the check broken (never readable) the second
+    request goes to the connection the server closed, and httpx does not resend it."""
+    url, _ = closes_when_idle
+    monkeypatch.setattr(Readable, "__call__", lambda self: False)
+
+    async def twice() -> None:
+        async with httpx.AsyncClient(transport=transport(LIMITS)) as http:
+            assert (await http.get(url)).status_code == 200
+            await asyncio.sleep(0.4)  # the server has closed its end by now
+            await http.get(url)
+
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        asyncio.run(twice())
+
+
+class _Renumbered:
+    """A socket-like object whose number changes: the check follows it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def test_the_kept_poll_object_follows_a_changed_fileno() -> None:
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        sock = _Renumbered(a)
+        check = Readable(sock)  # type: ignore[arg-type]
+        b.sendall(b"x")
+        assert check()
+        sock.sock = c  # idle: a check still polling a's number would say readable
+        assert not check()
+        d.sendall(b"y")
+        assert check()
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_kept_poll_objects_hold_no_file_descriptor() -> None:
+    """A poll object is a list of numbers handed to poll(2) at each call (not an epoll
+    descriptor): a thousand kept checks open nothing."""
+    a, b = socket.socketpair()
+    try:
+        before = len(list(Path("/proc/self/fd").iterdir()))
+        checks = [Readable(a) for _ in range(1000)]
+        assert not any(check() for check in checks)
+        assert len(list(Path("/proc/self/fd").iterdir())) == before
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_kept_check_answers_as_httpcores_own_at_every_step() -> None:
+    from httpcore._utils import is_socket_readable
+
+    a, b = socket.socketpair()
+    check = Readable(a)
+    seen: list[tuple[bool, bool]] = []
+
+    def both() -> None:
+        seen.append((check(), is_socket_readable(a)))
+
+    try:
+        both()
+        b.sendall(b"x")
+        both()
+        a.recv(1)
+        both()
+        b.close()
+        both()
+    finally:
+        a.close()
+    both()
+    assert seen == [(False, False), (True, True), (False, False), (True, True), (True, True)]
+    assert Readable(None)() is is_socket_readable(None) is True
