@@ -10,7 +10,7 @@ import ipaddress
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,43 @@ def test_readable_as_httpcore_reads_it() -> None:
     assert readable(None)
 
 
+@contextlib.contextmanager
+def _listening(serve: Callable[[int, socket.socket, threading.Event], None]
+               ) -> Iterator[str]:
+    """A loopback listener handing each connection, with its number (1, 2, ...) and the
+    stop event, to ``serve`` on a thread of its own; yields ``host:port``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        number = 0
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            number += 1
+            threading.Thread(target=serve, args=(number, conn, stop), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
 @pytest.fixture
 def closes_when_idle() -> Iterator[tuple[str, list[int]]]:
     """An HTTP/1.1 server that answers one request per connection with keep-alive headers,
     then closes the connection a moment later: what a server's idle timeout does."""
-    listener = socket.create_server(("127.0.0.1", 0))
     accepted: list[int] = []
-    stop = threading.Event()
 
-    def serve(conn: socket.socket) -> None:
+    def serve(number: int, conn: socket.socket, stop: threading.Event) -> None:
+        accepted.append(number)
         with conn:
             data = b""
             while b"\r\n\r\n" not in data:
@@ -94,24 +122,8 @@ def closes_when_idle() -> Iterator[tuple[str, list[int]]]:
                          b"Content-Type: text/plain\r\n\r\nok")
             stop.wait(0.1)  # then close: the client still holds it as idle
 
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            accepted.append(conn.fileno())
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
+    with _listening(serve) as address:
+        yield f"http://{address}", accepted
 
 
 def test_a_connection_the_server_closed_is_never_reused(
@@ -135,19 +147,17 @@ def test_a_connection_the_server_closed_is_never_reused(
 def _recording(tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
     """An HTTP/1.1 server that answers every request 200, keeping connections open, and
     records each request line with the number of the connection it came on."""
-    listener = socket.create_server(("127.0.0.1", 0))
     lines: list[tuple[int, bytes]] = []
-    stop = threading.Event()
 
-    def serve(number: int, conn: socket.socket) -> None:
+    def serve(number: int, conn: socket.socket, stop: threading.Event) -> None:
         with contextlib.suppress(OSError), conn:
             if tls is not None:  # the TLS socket detaches the plain one and is closed here
                 with tls.wrap_socket(conn, server_side=True) as secure:
-                    talk(number, secure)
+                    talk(number, secure, stop)
             else:
-                talk(number, conn)
+                talk(number, conn, stop)
 
-    def talk(number: int, conn: socket.socket) -> None:
+    def talk(number: int, conn: socket.socket, stop: threading.Event) -> None:
         data = b""
         while not stop.is_set():
             while b"\r\n\r\n" not in data:
@@ -159,25 +169,8 @@ def _recording(tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, list[tu
             lines.append((number, head.split(b"\r\n")[0]))
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    def accept() -> None:
-        listener.settimeout(0.2)
-        number = 0
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            number += 1
-            threading.Thread(target=serve, args=(number, conn), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}", lines
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
+    with _listening(serve) as address:
+        yield address, lines
 
 
 @pytest.fixture
