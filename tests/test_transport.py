@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from reconciler.backends.legacy import ApiClient
 from reconciler.backends.orchestrator import OrchestratorClient
 from reconciler.backends.signing import load_signer
-from reconciler.backends.transport import Readable, cheap_idle_check, readable, transport
+from reconciler.backends.transport import Readable, cheap_idle_check, transport
 
 LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4)
 
@@ -62,16 +62,16 @@ def test_one_stream_checked_again_and_again_as_httpcore_checks_it() -> None:
 def test_readable_as_httpcore_reads_it() -> None:
     a, b = socket.socketpair()
     try:
-        assert not readable(a)  # idle, open: reusable
+        assert not Readable(a)()  # idle, open: reusable
         b.sendall(b"x")
-        assert readable(a)  # data nobody asked for: the connection is not reusable
+        assert Readable(a)()  # data nobody asked for: the connection is not reusable
         a.recv(1)
         b.close()
-        assert readable(a)  # closed by the peer: EOF is readable
+        assert Readable(a)()  # closed by the peer: EOF is readable
     finally:
         a.close()
-    assert readable(a)  # closed here: fileno() is -1
-    assert readable(None)
+    assert Readable(a)()  # closed here: fileno() is -1
+    assert Readable(None)()
 
 
 @contextlib.contextmanager

@@ -115,8 +115,8 @@ class Readable:
     """httpcore's check (``httpcore._utils.is_socket_readable``) of one socket: an idle socket
     with data to read, or none left at all, is one the server closed; the connection is then
     dropped. The poll object is made once per socket, not at each of the ~32 checks a request
-    makes (a fifth of the check's cost, docs/performance.md). A socket that is closed has the
-    fileno -1 (its number cannot be reused while this object holds it open)."""
+    makes (docs/performance.md, "The HTTP transport"). A socket that is closed has the fileno
+    -1 (its number cannot be reused while this object holds it open)."""
 
     __slots__ = ("_fd", "_poller", "_socket")
 
@@ -136,8 +136,3 @@ class Readable:
             self._poller.register(fd, select.POLLIN)
             self._fd = fd
         return bool(self._poller.poll(0))
-
-
-def readable(sock: socket.socket | None) -> bool:
-    """One check of ``sock`` (see :class:`Readable`)."""
-    return Readable(sock)()

@@ -50,9 +50,9 @@ def _flatten(value: Any, path: str, view: dict[str, str]) -> None:
         for key, item in value.items():
             name, kind = _key_kind(str(key))
             child = prefix + name
-            if kind is _PLAIN:
+            if kind == _PLAIN:
                 _flatten(item, child, view)
-            elif kind is _ENV:
+            elif kind == _ENV:
                 names = (sorted(str(k) for k in item) if isinstance(item, Mapping)
                          else [str(e).partition("=")[0] for e in item or ()])
                 view[child] = ", ".join(names)
