@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -68,7 +68,10 @@ def iso_time(epoch: float | None) -> str | None:
 
 
 class Redact:
-    """Processor: mask values under sensitive keys and credentials in URLs."""
+    """Processor: mask values under sensitive keys and credentials in URLs, in the event's
+    fields and in the mappings and lists they hold (a safety net: no event should carry a
+    secret in the first place). Nested values are copied, never changed in place: they may
+    be the caller's own."""
 
     def __call__(
         self, logger: object, method: str, event_dict: MutableMapping[str, Any]
@@ -76,9 +79,29 @@ class Redact:
         for key, value in event_dict.items():
             if key != "event" and _sensitive(key):
                 event_dict[key] = REDACTED
-            elif isinstance(value, str) and ("://" in value or len(value) > MAX_FIELD):
-                event_dict[key] = clean(value)  # else clean() would return it unchanged
+            elif isinstance(value, str):
+                if "://" in value or len(value) > MAX_FIELD:
+                    event_dict[key] = clean(value)  # else clean() would return it unchanged
+            elif isinstance(value, Mapping | list | tuple):
+                event_dict[key] = _redacted(value, _NESTED_DEPTH)
         return event_dict
+
+
+#: How deep Redact looks into a field's mappings and lists; deeper values are replaced whole.
+_NESTED_DEPTH = 8
+
+
+def _redacted(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return clean(value) if "://" in value or len(value) > MAX_FIELD else value
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    if depth <= 0:
+        return "[nested too deeply]"
+    if isinstance(value, Mapping):
+        return {key: REDACTED if isinstance(key, str) and _sensitive(key)
+                else _redacted(item, depth - 1) for key, item in value.items()}
+    return [_redacted(item, depth - 1) for item in value]
 
 
 @functools.lru_cache(maxsize=1024)

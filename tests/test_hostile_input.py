@@ -115,6 +115,28 @@ def test_sensitive_fields_are_masked_at_every_event(event_stream: io.StringIO) -
         assert event["api"] == "orchestrator"
 
 
+def test_secrets_nested_in_an_event_field_are_masked_too(event_stream: io.StringIO) -> None:
+    """Redact looks into the mappings and lists a field holds, copies them (the caller's own
+    values are left as they were) and replaces what lies deeper than it looks."""
+    state = {"backend": {"api_key": "k3y", "endpoint": "https://user:hunter2@host/x",
+                         "hosts": ["http://u:pw@a/", "plain"]}, "count": 3}
+    deep: object = "bottom"
+    for _ in range(20):
+        deep = [deep]
+    structlog.get_logger("t").info("daemon.reloaded", state=state, pairs=(("a", 1),),
+                                   deep=deep)
+    [line] = event_stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert "k3y" not in line and "hunter2" not in line and ":pw@" not in line
+    assert event["state"] == {"backend": {"api_key": "[redacted]",
+                                          "endpoint": "https://[redacted]@host/x",
+                                          "hosts": ["http://[redacted]@a/", "plain"]},
+                              "count": 3}
+    assert event["pairs"] == [["a", 1]]
+    assert "[nested too deeply]" in line and "bottom" not in line
+    assert state["backend"]["api_key"] == "k3y"  # type: ignore[index]
+
+
 def test_every_event_field_is_bounded(event_stream: io.StringIO) -> None:
     huge = "https://user:hunter2@node/" + "n" * 1_000_000
     started = time.perf_counter()
