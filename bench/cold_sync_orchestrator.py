@@ -1,7 +1,10 @@
 """Cold sync on the orchestrator backend (issue 14): N new manifests against Bacalhau 1.9.
 
 Usage: python -m bench.cold_sync_orchestrator [--counts 1000,5000] [--versions 1.9,1.6]
-                                              [--rounds 5]
+                                              [--rounds 5] [--forms v1beta1,job]
+
+``--forms``: the manifests as V1beta1 envelopes (the default; the reconciler translates them)
+or as orchestrator job files carrying the same jobs (``job``: nothing to translate).
 
 Three sides, each against a fresh dev requester (``--bacalhau-version``), in rounds:
   reconciler  one pass of the real code: read + parse N files, plan, durable intents, in name
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from bench.cold_sync import CONCURRENCY, write_manifests
 from bench.common import Stopwatch, Timed, requester, rounds, scratch, table, warm_up
@@ -42,6 +46,7 @@ from reconciler.backends.orchestrator import (
 from reconciler.backends.transport import cheap_idle_check, cheapen
 from reconciler.domain.manifest import load_file
 from reconciler.domain.plan import PlanPolicy
+from reconciler.domain.translate import to_orchestrator
 from reconciler.engine.executor import Executor
 from reconciler.engine.reconcile import Reconciler
 from reconciler.sources.folder import FolderSource
@@ -109,11 +114,28 @@ async def put_all(url: str, payloads: list[dict[str, Any]], *,
         return clock.read()
 
 
-def measure(directory: Path, count: int, version: str, count_rounds: int) -> list[Any]:
+def write_job_files(root: Path, count: int) -> None:
+    """The same jobs as ``write_manifests``, as orchestrator job files (``bacalhau job run``'s
+    form): what the V1beta1 manifests translate to, with their names. No translation is left
+    for the reconciler to do."""
+    envelopes = root.with_name(root.name + "-v1beta1")
+    if not envelopes.exists():
+        write_manifests(envelopes, count)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        path = envelopes / f"c-{index:05d}.yaml"
+        [item] = load_file(path.name, path.read_bytes()).manifests
+        job = to_orchestrator(item)
+        assert isinstance(job, dict), job
+        (root / path.name).write_text(yaml.safe_dump({"Name": item.name, **job}))
+
+
+def measure(directory: Path, count: int, version: str, count_rounds: int,
+            form: str = "v1beta1") -> list[Any]:
     """Rounds of three sides, each against a fresh dev requester (bench.common.rounds)."""
-    root = directory / f"m-{count}"
+    root = directory / f"m-{count}-{form}"
     if not root.exists():
-        write_manifests(root, count)
+        (write_manifests if form == "v1beta1" else write_job_files)(root, count)
 
     def reconciler(index: int) -> Timed:
         with requester(directory, "--bacalhau-version", version) as url:
@@ -127,7 +149,7 @@ def measure(directory: Path, count: int, version: str, count_rounds: int) -> lis
     result = rounds(count_rounds, {"reconciler": reconciler, "httpx": baseline,
                                    "same transport": lambda i: baseline(i, ours=True)})
     ours, theirs = result.best("reconciler"), result.best("httpx")
-    return [version, count, f"{ours.wall:.2f}", f"{theirs.wall:.2f}",
+    return [version, form, count, f"{ours.wall:.2f}", f"{theirs.wall:.2f}",
             f"{count / ours.wall:.0f}", f"{result.median_ratio('reconciler', 'httpx', 'wall'):.2f}",
             f"{ours.cpu / count * 1000:.2f}", f"{theirs.cpu / count * 1000:.2f}",
             f"{result.median_ratio('reconciler', 'httpx', 'cpu'):.2f}",
@@ -140,12 +162,15 @@ def main() -> None:
     parser.add_argument("--counts", default="1000,5000")
     parser.add_argument("--versions", default="1.9,1.6")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--forms", default="v1beta1",
+                        help="v1beta1 (envelopes, translated), job (orchestrator job files)")
     args = parser.parse_args()
     with open(os.devnull, "w") as null:
         events.configure("json", "info", null)
         directory = scratch()
         warm_up(directory)
-        rows = [measure(directory, int(n), v, args.rounds) for v in args.versions.split(",")
+        rows = [measure(directory, int(n), v, args.rounds, form)
+                for form in args.forms.split(",") for v in args.versions.split(",")
                 for n in args.counts.split(",")]
     print(f"Cold sync, orchestrator API ({args.rounds} rounds; concurrency {CONCURRENCY}); "
           "target reconciler/baseline <= 1.3 (the median of the rounds)")
@@ -154,7 +179,7 @@ def main() -> None:
           "plain httpx; 'same transport': the median CPU ratio to plain httpx on the "
           "reconciler's transport (the reconciler's own work alone); then every round's CPU "
           "ratio to plain httpx")
-    print(table(["bacalhau", "N", "reconciler", "baseline", "jobs/s", "ratio", "CPU ms/job",
+    print(table(["bacalhau", "form", "N", "reconciler", "baseline", "jobs/s", "ratio", "CPU ms/job",
                  "baseline CPU", "CPU ratio", "same transport", "rounds' CPU ratios"], rows))
 
 
