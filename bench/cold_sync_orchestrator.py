@@ -82,6 +82,7 @@ def bodies(root: Path, count: int, url: str, version: str) -> list[dict[str, Any
         path = root / f"c-{index:05d}.yaml"
         [item] = load_file(path.name, path.read_bytes()).manifests
         out.append({"Job": jobs.job_of(item, os.urandom(16).hex()), "Force": False})
+    asyncio.run(jobs.client.aclose())  # used for job_of only: it sent nothing
     return out
 
 
