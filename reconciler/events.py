@@ -82,9 +82,14 @@ class Redact:
             elif isinstance(value, str):
                 if "://" in value or len(value) > MAX_FIELD:
                     event_dict[key] = clean(value)  # else clean() would return it unchanged
-            elif isinstance(value, Mapping | list | tuple):
+            elif not isinstance(value, _SCALARS) and isinstance(value, Mapping | list | tuple):
                 event_dict[key] = _redacted(value, _NESTED_DEPTH)
         return event_dict
+
+
+#: Most fields: asked first, since the ``Mapping`` check is an ABC's (slower) and every
+#: event's fields pass here.
+_SCALARS = (int, float, type(None))
 
 
 #: How deep Redact looks into a field's mappings and lists; deeper values are replaced whole.
