@@ -306,13 +306,15 @@ def test_the_kept_poll_object_follows_a_changed_fileno() -> None:
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_kept_poll_objects_hold_no_file_descriptor() -> None:
     """A poll object is a list of numbers handed to poll(2) at each call (not an epoll
-    descriptor): a thousand kept checks open nothing."""
+    descriptor): a thousand kept checks open nothing. The count is compared with a margin:
+    other tests' objects in this worker process may close (or open) a few meanwhile, where
+    a descriptor per poll object would add a thousand."""
     a, b = socket.socketpair()
     try:
         before = len(list(Path("/proc/self/fd").iterdir()))
         checks = [Readable(a) for _ in range(1000)]
         assert not any(check() for check in checks)
-        assert len(list(Path("/proc/self/fd").iterdir())) == before
+        assert len(list(Path("/proc/self/fd").iterdir())) < before + 50
     finally:
         a.close()
         b.close()
