@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,24 @@ def _listening(serve: Callable[[int, socket.socket, threading.Event], None]
         listener.close()
 
 
+class ClosesWhenIdle(typing.NamedTuple):
+    url: str
+    accepted: list[int]
+    #: Set once the server has closed the first connection.
+    closed: threading.Event
+
+    async def wait_closed(self) -> None:
+        """Until the first connection is closed: an event, not a sleep that a loaded
+        machine could outlast."""
+        assert await asyncio.to_thread(self.closed.wait, 30)
+
+
 @pytest.fixture
-def closes_when_idle() -> Iterator[tuple[str, list[int]]]:
+def closes_when_idle() -> Iterator[ClosesWhenIdle]:
     """An HTTP/1.1 server that answers one request per connection with keep-alive headers,
-    then closes the connection a moment later: what a server's idle timeout does."""
+    then closes the connection: what a server's idle timeout does."""
     accepted: list[int] = []
+    closed = threading.Event()
 
     def serve(number: int, conn: socket.socket, stop: threading.Event) -> None:
         accepted.append(number)
@@ -120,27 +134,27 @@ def closes_when_idle() -> Iterator[tuple[str, list[int]]]:
                 data += chunk
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
                          b"Content-Type: text/plain\r\n\r\nok")
-            stop.wait(0.1)  # then close: the client still holds it as idle
+        closed.set()  # the client still holds it as idle
 
     with _listening(serve) as address:
-        yield f"http://{address}", accepted
+        yield ClosesWhenIdle(f"http://{address}", accepted, closed)
 
 
 def test_a_connection_the_server_closed_is_never_reused(
-        closes_when_idle: tuple[str, list[int]]) -> None:
+        closes_when_idle: ClosesWhenIdle) -> None:
     """Were the idle check wrong (never readable), the second request would be written to
     the dead connection and fail with "Server disconnected"."""
-    url, accepted = closes_when_idle
+    server = closes_when_idle
 
     async def twice() -> list[int]:
         async with httpx.AsyncClient(transport=transport(LIMITS)) as http:
-            first = await http.get(url)
-            await asyncio.sleep(0.4)  # the server has closed its end by now
-            second = await http.get(url)
+            first = await http.get(server.url)
+            await server.wait_closed()
+            second = await http.get(server.url)
             return [first.status_code, second.status_code]
 
     assert asyncio.run(twice()) == [200, 200]
-    assert len(accepted) == 2  # a fresh connection for the second request
+    assert len(server.accepted) == 2  # a fresh connection for the second request
 
 
 @contextlib.contextmanager
@@ -260,17 +274,17 @@ def test_a_proxy_set_in_the_environment_is_still_used(
 
 
 def test_a_check_that_never_says_readable_fails_the_closing_test(
-        closes_when_idle: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+        closes_when_idle: ClosesWhenIdle, monkeypatch: pytest.MonkeyPatch) -> None:
     """The closing test above can fail: with the check broken (never readable) the second
     request goes to the connection the server closed, and httpx does not resend it."""
-    url, _ = closes_when_idle
+    server = closes_when_idle
     monkeypatch.setattr(Readable, "__call__", lambda self: False)
 
     async def twice() -> None:
         async with httpx.AsyncClient(transport=transport(LIMITS)) as http:
-            assert (await http.get(url)).status_code == 200
-            await asyncio.sleep(0.4)  # the server has closed its end by now
-            await http.get(url)
+            assert (await http.get(server.url)).status_code == 200
+            await server.wait_closed()
+            await http.get(server.url)
 
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
         asyncio.run(twice())
