@@ -418,6 +418,25 @@ class DropFirstForced(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+async def stopped_by_hand(client: OrchestratorClient, root: Path, log: list[Any]
+                          ) -> tuple[FakeStore, Executor, Reconciler]:
+    """alpha synced through ``client``, then its job stopped by hand and its record failed
+    (ended, same spec: the next run of it is forced); ``log`` cleared and backoff off, so
+    the next pass resubmits at once."""
+    backend = OrchestratorBackend(client, mode="name", version="v1.9.3")
+    store = FakeStore()
+    executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
+    reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
+    await reconciler.run_pass(executor)
+    [job] = await client.list_jobs("")
+    await client.stop(job["ID"], "stopped by hand")
+    store.rows["alpha"] = Record("alpha", Phase.FAILED, store.rows["alpha"].spec_hash,
+                                 "a.yaml", job_id=job["ID"], uid="old", attempts=1)
+    log.clear()
+    reconciler.policy = PlanPolicy(honour_backoff=False)
+    return store, executor, reconciler
+
+
 def test_no_force_after_an_ambiguous_put(tmp_path: Path,
                                          dev_factory: Callable[..., DevProcess]) -> None:
     dev = dev_factory("--bacalhau-version", "1.9", "--job-duration", "600")
@@ -428,18 +447,7 @@ def test_no_force_after_an_ambiguous_put(tmp_path: Path,
 
     async def scenario() -> None:
         client = OrchestratorClient(dev.url, transport=transport)
-        backend = OrchestratorBackend(client, mode="name", version="v1.9.3")
-        store = FakeStore()
-        executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
-        reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
-        await reconciler.run_pass(executor)
-        [job] = await client.list_jobs("")
-        await client.stop(job["ID"], "stopped by hand")  # ended, same spec: a re-run forces
-        store.rows["alpha"] = Record("alpha", Phase.FAILED, store.rows["alpha"].spec_hash,
-                                     "a.yaml", job_id=job["ID"], uid="old", attempts=1)
-        transport.log.clear()
-        policy = PlanPolicy(honour_backoff=False)
-        reconciler.policy = policy
+        _, executor, reconciler = await stopped_by_hand(client, root, transport.log)
         await reconciler.run_pass(executor)
         await client.aclose()
 
@@ -514,17 +522,7 @@ def test_no_force_after_an_ambiguous_put_even_when_the_next_lookup_failed(
     async def scenario() -> None:
         client = OrchestratorClient(dev.url, transport=transport,
                                     retry=RetryPolicy(attempts=1))
-        backend = OrchestratorBackend(client, mode="name", version="v1.9.3")
-        store = FakeStore()
-        executor = Executor(store.as_store(), backend, PlanPolicy(), resolve_delay=0)
-        reconciler = Reconciler(FolderSource(root), store.as_store(), PlanPolicy())
-        await reconciler.run_pass(executor)
-        [job] = await client.list_jobs("")
-        await client.stop(job["ID"], "stopped by hand")  # ended, same spec: a re-run forces
-        store.rows["alpha"] = Record("alpha", Phase.FAILED, store.rows["alpha"].spec_hash,
-                                     "a.yaml", job_id=job["ID"], uid="old", attempts=1)
-        transport.log.clear()
-        reconciler.policy = PlanPolicy(honour_backoff=False)
+        store, executor, reconciler = await stopped_by_hand(client, root, transport.log)
         await reconciler.run_pass(executor)  # forced PUT dropped; resubmit's lookup: 503
         assert store.rows["alpha"].phase is Phase.ERROR
         await reconciler.run_pass(executor)  # the first PUT after the doubt

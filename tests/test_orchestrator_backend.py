@@ -143,6 +143,26 @@ class InProcess(Generic[B]):
     reconciler: Reconciler
     executor: Executor
 
+    def synced_then_changed(self, loop: asyncio.Runner, server: Dev) -> dict[str, Any]:
+        """alpha and beta synced (beta keeps the folder from emptying), then alpha's image
+        changed on disk; alpha's job as the server has it."""
+        (self.root / "a.yaml").write_text(envelope("alpha"))
+        (self.root / "b.yaml").write_text(envelope("beta"))
+        loop.run(self.reconciler.run_pass(self.executor))
+        [job] = by_name(server)["alpha"]
+        (self.root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
+        return job
+
+    def removed_and_stopped(self, loop: asyncio.Runner, server: Dev,
+                            job: dict[str, Any]) -> None:
+        """alpha's file removed: its record goes and ``job`` (still its only job) stops."""
+        (self.root / "a.yaml").unlink()
+        loop.run(self.reconciler.run_pass(self.executor))
+        assert "alpha" not in self.store.rows
+        [stopped] = by_name(server)["alpha"]
+        assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
+        loop.run(self.backend.client.aclose())
+
 
 def in_process(tmp_path: Path, server: Dev, backend_type: type[B]) -> InProcess[B]:
     root = tmp_path / "manifests"
@@ -601,25 +621,12 @@ def test_an_update_in_doubt_twice_then_removed_still_stops_its_job(
 
     server = dev("1.9")
     rig = in_process(tmp_path, server, FlakyPut)
-    root, store, backend, reconciler, executor = (rig.root, rig.store, rig.backend,
-                                                  rig.reconciler, rig.executor)
     with asyncio.Runner() as loop:
-        (root / "a.yaml").write_text(envelope("alpha"))
-        (root / "b.yaml").write_text(envelope("beta"))  # the folder never empties
-        loop.run(reconciler.run_pass(executor))
-        [job] = by_name(server)["alpha"]
-
-        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
-        backend.failures = 2  # the update, then its resubmit after the confirmed absence
-        loop.run(reconciler.run_pass(executor))
-        assert store.rows["alpha"].phase == "submitting"  # in doubt: kept for the next pass
-
-        (root / "a.yaml").unlink()
-        loop.run(reconciler.run_pass(executor))
-        assert "alpha" not in store.rows
-        [stopped] = by_name(server)["alpha"]
-        assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
-        loop.run(backend.client.aclose())
+        job = rig.synced_then_changed(loop, server)
+        rig.backend.failures = 2  # the update, then its resubmit after the confirmed absence
+        loop.run(rig.reconciler.run_pass(rig.executor))
+        assert rig.store.rows["alpha"].phase == "submitting"  # in doubt: kept for next pass
+        rig.removed_and_stopped(loop, server, job)
 
 
 def test_a_refused_update_in_place_backs_off_instead_of_being_sent_every_pass(
@@ -692,28 +699,15 @@ def test_an_update_in_doubt_then_refused_keeps_its_job_recorded(
 
     server = dev("1.9")
     rig = in_process(tmp_path, server, DoubtThenRefuse)
-    root, store, backend, reconciler, executor = (rig.root, rig.store, rig.backend,
-                                                  rig.reconciler, rig.executor)
     with asyncio.Runner() as loop:
-        (root / "a.yaml").write_text(envelope("alpha"))
-        (root / "b.yaml").write_text(envelope("beta"))  # the folder never empties
-        loop.run(reconciler.run_pass(executor))
-        [job] = by_name(server)["alpha"]
-
-        (root / "a.yaml").write_text(envelope("alpha", image="ubuntu:24.04"))
-        backend.faults = [OutcomeUnknown("submit: reply lost (ReadError)"),
-                          InvalidRequest("submit: HTTP 400: a rule of this server")]
-        loop.run(reconciler.run_pass(executor))
-        record = store.rows["alpha"]
+        job = rig.synced_then_changed(loop, server)
+        rig.backend.faults = [OutcomeUnknown("submit: reply lost (ReadError)"),
+                              InvalidRequest("submit: HTTP 400: a rule of this server")]
+        loop.run(rig.reconciler.run_pass(rig.executor))
+        record = rig.store.rows["alpha"]
         assert (record.phase, record.job_id) == ("active", job["ID"])
         assert record.last_error and "400" in record.last_error
-
-        (root / "a.yaml").unlink()
-        loop.run(reconciler.run_pass(executor))
-        assert "alpha" not in store.rows
-        [stopped] = by_name(server)["alpha"]
-        assert (stopped["ID"], stopped["State"]["StateType"]) == (job["ID"], "Stopped")
-        loop.run(backend.client.aclose())
+        rig.removed_and_stopped(loop, server, job)
 
 
 def test_a_crash_between_a_superseding_put_and_its_stop_is_resolved_with_the_stop(
